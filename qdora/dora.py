@@ -1,0 +1,265 @@
+"""LoRA and DoRA adapters on a frozen NF4 base weight (QLoRA and QDoRA)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+from .nf4 import NF4Weight, nf4_linear
+
+NORM_MODES = ("detached", "exact")
+KERNEL_BACKENDS = ("auto", "torch", "triton")
+# Squared row norms are clamped here before the square root: a row of W0 + s*B@A that is all
+# zeros then gets norm 1e-6 instead of 0, so m / norm stays finite (and m starts at the same value).
+NORM_EPS = 1e-12
+
+
+def kernel_backend() -> str:
+    """Which path computes the DoRA row norm: QDORA_KERNELS=auto|torch|triton (default auto:
+    Triton on CUDA, PyTorch elsewhere). One switch for the whole process."""
+    value = os.environ.get("QDORA_KERNELS", "auto")
+    if value not in KERNEL_BACKENDS:
+        raise ValueError(f"QDORA_KERNELS={value!r} is not one of {KERNEL_BACKENDS}")
+    return value
+
+
+def _use_triton(device: torch.device) -> bool:
+    backend = kernel_backend()
+    return backend == "triton" or (backend == "auto" and device.type == "cuda")
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class LoRALinear(nn.Module):
+    """QLoRA: y = x W0^T + s * dropout(x) A^T B^T + bias, with W0 frozen in NF4.
+
+    A (r x in) starts Kaiming-uniform and B (out x r) at zero, so the adapter starts as the
+    identity edit; s = alpha / r. Set `rank=0` for no LoRA factors (used by magnitude-only DoRA).
+    """
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None, rank: int, alpha: float,
+                 dropout: float = 0.0, dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        if rank < 0:
+            raise ValueError(f"LoRA rank must be positive, got {rank}")
+        if alpha <= 0:
+            raise ValueError(f"LoRA alpha must be positive, got {alpha}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.weight = weight
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.rank, self.alpha = rank, alpha
+        self.scale = alpha / rank if rank else 0.0
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        device = weight.packed.device
+        if rank:
+            self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, dtype=dtype, device=device))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as LoRA uses
+        else:
+            self.lora_A = self.lora_B = None
+
+    def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            out = nf4_linear(x, self.weight)
+            if self.rank:
+                out = out + self.scale * (self.dropout(x) @ self.lora_A.to(dtype).T) @ self.lora_B.to(dtype).T
+            if self.bias is not None:
+                out = out + self._bias(dtype)
+        return out
+
+    @torch.no_grad()
+    def delta(self) -> torch.Tensor:
+        """s * B @ A in float32 (zeros without LoRA factors)."""
+        if not self.rank:
+            return torch.zeros(self.out_features, self.in_features, device=self.weight.packed.device)
+        return self.scale * (self.lora_B.float() @ self.lora_A.float())
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The dense weight this layer applies, W0 + s*B@A, in float32."""
+        return self.weight.dequantize(torch.float32) + self.delta()
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha}, bias={self.bias is not None}"
+
+
+class DoRALinear(LoRALinear):
+    """QDoRA (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation"):
+
+        V  = W0 + s * B @ A                       direction, with W0 frozen in NF4
+        W' = m * V / ||V||_row                    m: trainable magnitude, one per output row
+        y  = x W'^T + bias
+
+    m starts at ||W0||_row of the *dequantized* NF4 weight, so at init W' = W0. The row norm never
+    needs V itself: ||V_i||^2 = ||W0_i||^2 + 2 s B_i . (W0 A^T)_i + s^2 B_i (A A^T) B_i^T, where
+    ||W0||^2_row is a constant computed once and the rest needs only W0 @ A^T (out x r) and A @ A^T
+    (r x r), accumulated in fp32 and clamped at NORM_EPS before the square root.
+
+    With g = m / ||V|| the output is composed as y = base + [(g - 1) * base + g * s * lora] with
+    base = x W0^T and lora = dropout(x) A^T B^T; the bracket is computed in fp32, so when g = 1 and
+    B = 0 the output equals the NF4 base output bit for bit.
+
+    norm_mode="detached" (default, paper section 4.3) treats ||V|| as a constant in backward: the
+    gradient reaches A and B only through the numerator. The norm then changes only when A or B
+    change, so it is computed once per optimizer step (keyed on the parameters' version counters)
+    and reused by every gradient-accumulation micro-step and activation-checkpoint recomputation.
+    norm_mode="exact" differentiates through the norm as well (paper eq. 6).
+    rank=0 gives a magnitude-only module (V = W0, only m trains; the paper's Table 6 mixes these).
+    """
+
+    def __init__(self, weight: NF4Weight, bias: torch.Tensor | None, rank: int, alpha: float,
+                 dropout: float = 0.0, dtype: torch.dtype = torch.bfloat16,
+                 norm_mode: str = "detached") -> None:
+        super().__init__(weight, bias, rank, alpha, dropout, dtype)
+        if norm_mode not in NORM_MODES:
+            raise ValueError(f"DoRA norm_mode {norm_mode!r} is not one of {NORM_MODES}")
+        self.norm_mode = norm_mode
+        w0_sq = self._w0_sq_norms()
+        self.register_buffer("w0_sq", w0_sq, persistent=False)
+        self.magnitude = nn.Parameter(w0_sq.clamp_min(NORM_EPS).sqrt().to(dtype))
+        self._norm_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def _w0_sq_norms(self) -> torch.Tensor:
+        if _use_triton(self.weight.packed.device):
+            from qdora.kernels.dora_norm import nf4_row_sq_norms
+            return nf4_row_sq_norms(self.weight)
+        return self.weight.row_sq_norms()
+
+    def _norm_detached(self) -> torch.Tensor:
+        """||V||_row in fp32, no graph; recomputed only when A or B were modified in place."""
+        if not self.rank:
+            return self.w0_sq.clamp_min(NORM_EPS).sqrt()
+        A, B = self.lora_A, self.lora_B
+        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), self.w0_sq.data_ptr())
+        if self._norm_cache is not None and self._norm_cache[0] == key:
+            return self._norm_cache[1]
+        with torch.no_grad():
+            if _use_triton(A.device):
+                from qdora.kernels.dora_norm import dora_row_norm
+                norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS)
+            else:
+                norm = self._norm_torch(A.float(), B.float())
+        self._norm_cache = (key, norm)
+        return norm
+
+    def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
+        """Factored row norm in fp32 from row chunks of W0 (no out x in fp32 copy at once)."""
+        w = self.weight
+        scales = w.scales()
+        step = max(1, chunk_elems // w.in_pad)
+        wa = torch.cat([w.dequantize(torch.float32, slice(i, i + step), scales) @ A.T
+                        for i in range(0, w.out_features, step)])
+        return self._norm_from_wa(wa, A, B)
+
+    def _norm_from_wa(self, wa: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        n2 = self.w0_sq + 2 * self.scale * (B * wa).sum(1) + self.scale ** 2 * ((B @ (A @ A.T)) * B).sum(1)
+        return n2.clamp_min(NORM_EPS).sqrt()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = _compute_dtype(x)
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(dtype)
+            if self.norm_mode == "exact" and self.rank:
+                return self._forward_exact(x, dtype)
+            x_drop = self.dropout(x) if self.rank else x
+            return _DoRAFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude,
+                                       self._norm_detached(), self._bias(dtype), self.weight, self.scale)
+
+    def _forward_exact(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        A, B = self.lora_A.float(), self.lora_B.float()
+        # W0 @ A^T through nf4_linear, so backward re-dequantizes W0 instead of keeping it alive.
+        g = self.magnitude.float() / self._norm_from_wa(nf4_linear(A, self.weight).T, A, B)
+        base = nf4_linear(x, self.weight)
+        lora = (self.dropout(x) @ self.lora_A.to(dtype).T) @ self.lora_B.to(dtype).T
+        out = base + ((g - 1) * base.float() + (g * self.scale) * lora.float()).to(dtype)
+        return out if self.bias is None else out + self._bias(dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The dense weight this layer applies, m * V / ||V||_row, in float32."""
+        v = super().merged_weight()
+        norm = v.square().sum(1).clamp_min(NORM_EPS).sqrt()
+        return v * (self.magnitude.float() / norm)[:, None]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", norm_mode={self.norm_mode}"
+
+
+class _DoRAFunction(torch.autograd.Function):
+    """Detached-norm DoRA forward/backward that saves only what QLoRA saves plus the output.
+
+    out = base + [(g-1) base + g s lora] + bias, g = m / norm, base = x W0^T, lora = (x_d A^T) B^T.
+    Backward needs y = base + s*lora for dL/dm; it is recovered as (out - bias) / g instead of
+    being stored, and the output tensor is often saved by the next op anyway (attention's v, the
+    MLP's gate and up). For rows with g < G_RECOMPUTE, where that division loses precision to the
+    cancellation in the stable form, y is recomputed from x and those rows of W0.
+    """
+
+    G_RECOMPUTE = 0.5
+
+    @staticmethod
+    def forward(ctx, x, x_drop, A, B, m, norm, bias, weight: NF4Weight, scale: float):  # type: ignore[override]
+        dtype = x.dtype
+        base = nf4_linear(x, weight)
+        g = m.float() / norm
+        delta = (g - 1) * base.float()
+        ax = None
+        if A is not None:
+            ax = x_drop @ A.to(dtype).T
+            delta = delta + (g * scale) * (ax @ B.to(dtype).T).float()
+        out = base + delta.to(dtype)
+        if bias is not None:
+            out = out + bias
+        ctx.weight, ctx.scale = weight, scale
+        ctx.save_for_backward(x, x_drop, A, B, m, norm, bias, ax, out, g)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x, x_drop, A, B, m, norm, bias, ax, out, g = ctx.saved_tensors
+        scale, weight, dtype = ctx.scale, ctx.weight, grad.dtype
+        lead = grad.shape[:-1]
+        go = grad.reshape(-1, grad.shape[-1]).float()
+        y = out.reshape(-1, out.shape[-1]).float()
+        if bias is not None:
+            y = y - bias.float()
+        y = y / torch.where(g == 0, 1.0, g)
+        bad = (g.abs() < _DoRAFunction.G_RECOMPUTE).nonzero().squeeze(1)
+        if bad.numel():
+            y[:, bad] = _recompute_rows(x, ax, B, weight, bad, scale)
+        grad_m = ((go * y).sum(0) / norm).to(m.dtype)
+        grad_x = grad_A = grad_B = grad_xd = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ((go * g).to(dtype) @ weight.dequantize(dtype)).view(*lead, -1)
+        if A is not None:
+            gl = (go * (g * scale)).to(dtype)
+            axf = ax.reshape(-1, ax.shape[-1])
+            grad_B = (gl.T @ axf).to(B.dtype)
+            grad_ax = gl @ B.to(dtype)
+            grad_A = (grad_ax.T @ x_drop.reshape(-1, x_drop.shape[-1])).to(A.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_xd = (grad_ax @ A.to(dtype)).view(*lead, -1)
+        return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None
+
+
+def _recompute_rows(x, ax, B, weight: NF4Weight, rows: torch.Tensor, scale: float) -> torch.Tensor:
+    """y[:, rows] = x W0[rows]^T + s * ax B[rows]^T in fp32, for the few rows where it is needed."""
+    xf = x.reshape(-1, x.shape[-1]).float()
+    y = xf @ weight.dequantize(torch.float32)[rows].T
+    if ax is not None:
+        y = y + scale * ax.reshape(-1, ax.shape[-1]).float() @ B.float()[rows].T
+    return y
