@@ -7,14 +7,28 @@ import os
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .nf4 import NF4Weight, nf4_linear
 
 NORM_MODES = ("detached", "exact")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
-# Squared row norms are clamped here before the square root: a row of W0 + s*B@A that is all
-# zeros then gets norm 1e-6 instead of 0, so m / norm stays finite (and m starts at the same value).
+# Squared row norms (of rows divided by their row scale) are clamped here before the square root:
+# a row of W0 + s*B@A that is all zeros gets norm 1e-6 instead of 0, so m / norm stays finite.
 NORM_EPS = 1e-12
+
+
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+# Fused AdamW updates parameters without bumping their version counters, so the norm cache is also
+# keyed on a process-wide count of optimizer steps (any torch.optim optimizer).
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def kernel_backend() -> str:
@@ -115,7 +129,8 @@ class DoRALinear(LoRALinear):
 
     norm_mode="detached" (default, paper section 4.3) treats ||V|| as a constant in backward: the
     gradient reaches A and B only through the numerator. The norm then changes only when A or B
-    change, so it is computed once per optimizer step (keyed on the parameters' version counters)
+    change, so it is computed once per optimizer step (keyed on optimizer steps and on the factors'
+    version counters, which catch in-place edits such as load_state_dict)
     and reused by every gradient-accumulation micro-step and activation-checkpoint recomputation.
     norm_mode="exact" differentiates through the norm as well (paper eq. 6).
     rank=0 gives a magnitude-only module (V = W0, only m trains; the paper's Table 6 mixes these).
@@ -128,29 +143,31 @@ class DoRALinear(LoRALinear):
         if norm_mode not in NORM_MODES:
             raise ValueError(f"DoRA norm_mode {norm_mode!r} is not one of {NORM_MODES}")
         self.norm_mode = norm_mode
-        w0_sq = self._w0_sq_norms()
-        self.register_buffer("w0_sq", w0_sq, persistent=False)
-        self.magnitude = nn.Parameter(w0_sq.clamp_min(NORM_EPS).sqrt().to(dtype))
+        # Norms are computed on rows divided by row_scale (then multiplied back), so any finite
+        # weight, however large or small, has a finite norm.
+        self.register_buffer("row_scale", weight.row_scale(), persistent=False)
+        self.register_buffer("w0_sq", self._w0_sq_norms(), persistent=False)
+        self.magnitude = nn.Parameter(self._norm_from_wa(None, None, None).to(dtype))
         self._norm_cache: tuple[tuple, torch.Tensor] | None = None
 
     def _w0_sq_norms(self) -> torch.Tensor:
         if _use_triton(self.weight.packed.device):
             from qdora.kernels.dora_norm import nf4_row_sq_norms
-            return nf4_row_sq_norms(self.weight)
-        return self.weight.row_sq_norms()
+            return nf4_row_sq_norms(self.weight, self.row_scale)
+        return self.weight.row_sq_norms(self.row_scale)
 
     def _norm_detached(self) -> torch.Tensor:
-        """||V||_row in fp32, no graph; recomputed only when A or B were modified in place."""
+        """||V||_row in fp32, no graph; recomputed only after an optimizer step or an in-place edit."""
         if not self.rank:
-            return self.w0_sq.clamp_min(NORM_EPS).sqrt()
+            return self._norm_from_wa(None, None, None)
         A, B = self.lora_A, self.lora_B
-        key = (A._version, B._version, A.data_ptr(), B.data_ptr(), self.w0_sq.data_ptr())
+        key = (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), self.w0_sq.data_ptr())
         if self._norm_cache is not None and self._norm_cache[0] == key:
             return self._norm_cache[1]
         with torch.no_grad():
             if _use_triton(A.device):
                 from qdora.kernels.dora_norm import dora_row_norm
-                norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS)
+                norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
             else:
                 norm = self._norm_torch(A.float(), B.float())
         self._norm_cache = (key, norm)
@@ -165,9 +182,14 @@ class DoRALinear(LoRALinear):
                         for i in range(0, w.out_features, step)])
         return self._norm_from_wa(wa, A, B)
 
-    def _norm_from_wa(self, wa: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        n2 = self.w0_sq + 2 * self.scale * (B * wa).sum(1) + self.scale ** 2 * ((B @ (A @ A.T)) * B).sum(1)
-        return n2.clamp_min(NORM_EPS).sqrt()
+    def _norm_from_wa(self, wa: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor:
+        """c * sqrt(max(||W0/c||^2 + 2s (B/c).(W0 A^T / c) + s^2 (B/c)(A A^T)(B/c)^T, eps)), c = row_scale."""
+        n2 = self.w0_sq
+        if wa is not None:
+            c = self.row_scale[:, None]
+            Bc = B / c
+            n2 = n2 + 2 * self.scale * (Bc * (wa / c)).sum(1) + self.scale ** 2 * ((Bc @ (A @ A.T)) * Bc).sum(1)
+        return n2.clamp_min(NORM_EPS).sqrt() * self.row_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
@@ -192,7 +214,8 @@ class DoRALinear(LoRALinear):
     def merged_weight(self) -> torch.Tensor:
         """The dense weight this layer applies, m * V / ||V||_row, in float32."""
         v = super().merged_weight()
-        norm = v.square().sum(1).clamp_min(NORM_EPS).sqrt()
+        c = self.row_scale[:, None]
+        norm = (v / c).square().sum(1).clamp_min(NORM_EPS).sqrt() * self.row_scale
         return v * (self.magnitude.float() / norm)[:, None]
 
     def extra_repr(self) -> str:

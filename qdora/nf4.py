@@ -115,12 +115,24 @@ class NF4Weight(nn.Module):
         w = bnbF.dequantize_4bit(packed.reshape(-1, 1), state)
         return w if self.in_pad == self.in_features else w[:, : self.in_features]
 
-    def row_sq_norms(self, chunk_elems: int = 1 << 24) -> torch.Tensor:
-        """||W0||^2 per row in float32, dequantizing a bounded number of rows at a time."""
+    def row_scale(self) -> torch.Tensor:
+        """A positive float32 scale per row (its largest block scale; 1 for an all-zero row), so
+        that squared norms of W0 / row_scale cannot overflow or underflow float32."""
+        c = self.scales().abs().amax(1)
+        return torch.where((c > 0) & torch.isfinite(c), c, torch.ones_like(c))
+
+    def row_sq_norms(self, row_scale: torch.Tensor | None = None, chunk_elems: int = 1 << 24) -> torch.Tensor:
+        """||W0 / row_scale||^2 per row in float32 (row_scale defaults to 1), dequantizing a bounded
+        number of rows at a time."""
         scales = self.scales()
         step = max(1, chunk_elems // self.in_pad)
-        return torch.cat([self.dequantize(torch.float32, slice(i, i + step), scales).square().sum(1)
-                          for i in range(0, self.out_features, step)])
+        out = []
+        for i in range(0, self.out_features, step):
+            w = self.dequantize(torch.float32, slice(i, i + step), scales)
+            if row_scale is not None:
+                w = w / row_scale[i : i + step, None]
+            out.append(w.square().sum(1))
+        return torch.cat(out)
 
     def nbytes(self) -> int:
         """Bytes of everything stored for this weight."""

@@ -1,0 +1,170 @@
+"""Exact-match evaluation of the final answer of math word problems (GSM8K, Orca-Math, builtin).
+
+extract_answer pulls the final number out of a model output or a gold solution; answers_match
+compares two of them numerically; generate does batched greedy decoding with the KV cache; evaluate
+ties them together and writes every prediction to a JSONL file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from fractions import Fraction
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .data import encode_prompt, prompt_text
+
+# A number: optional sign (not when glued to a word or digit, as in "16-3"), digits with an
+# optional decimal part or a leading-dot decimal, optionally a fraction "3/4".
+_NUM = r"(?:(?<![\w)])-)?(?:\d+(?:\.\d+)?|\.\d+)(?:/\d+)?"
+_NUM_RE = re.compile(_NUM)
+_THOUSANDS_RE = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_FRAC_RE = re.compile(r"\\[dt]?frac\{\s*(-?[\d.]+)\s*\}\{\s*(-?[\d.]+)\s*\}")
+_BOXED_RE = re.compile(r"\\boxed\{((?:[^{}]|\{[^{}]*\})*)\}")
+_ANSWER_IS_RE = re.compile(r"answer\s*(?:is|:|=)\s*:?\s*(?:approximately\s*|about\s*)?(" + _NUM + ")", re.I)
+
+
+def _clean(text: str) -> str:
+    """Unify the spellings of numbers: unicode minus, $ signs, thousands commas, LaTeX fractions."""
+    text = text.replace("\u2212", "-").replace("$", "").replace("\\!", "")
+    text = _THOUSANDS_RE.sub("", text)
+    return _FRAC_RE.sub(r"\1/\2", text)
+
+
+def normalize_number(num: str) -> str:
+    """Canonical text of one number: no leading zeros, no trailing decimal zeros (2.50 -> 2.5,
+    3.0 -> 3), no "-0"; fractions stay fractions ("3/4")."""
+    sign, body = ("-", num[1:]) if num.startswith("-") else ("", num)
+    if "/" in body:
+        top, bottom = body.split("/", 1)
+        body = f"{normalize_number(top)}/{normalize_number(bottom)}"
+        return sign + body
+    whole, _, frac = body.partition(".")
+    frac = frac.rstrip("0")
+    body = str(int(whole or "0")) + ("." + frac if frac else "")
+    return body if body == "0" else sign + body
+
+
+def _first_number(text: str) -> str | None:
+    match = _NUM_RE.search(text)
+    return normalize_number(match.group()) if match else None
+
+
+def extract_answer(text: str | None) -> str | None:
+    """The final numeric answer of a model output or gold solution, normalized, or None.
+
+    Looks, in order, for the text after the last `####`, the last `\\boxed{...}`, the last
+    "answer is N", and otherwise takes the last number in the text. Commas, $ and units are
+    dropped, negatives kept, fractions kept as "3/4" (answers_match treats 3/4 == 0.75).
+    """
+    if not text:
+        return None
+    text = _clean(text)
+    if "####" in text:
+        found = _first_number(text.rsplit("####", 1)[1])
+        if found is not None:
+            return found
+    boxed = _BOXED_RE.findall(text)
+    if boxed:
+        found = _first_number(boxed[-1])
+        if found is not None:
+            return found
+    answer_is = _ANSWER_IS_RE.findall(text)
+    if answer_is:
+        return normalize_number(answer_is[-1])
+    numbers = _NUM_RE.findall(text)
+    return normalize_number(numbers[-1]) if numbers else None
+
+
+def _as_fraction(value: str) -> Fraction | None:
+    try:
+        return Fraction(_clean(value).strip().rstrip("."))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def answers_match(pred: str | None, gold: str | None) -> bool:
+    """True when two extracted answers are the same number (1250 == 1,250, 0.75 == 3/4, 3 == 3.0)."""
+    if pred is None or gold is None:
+        return False
+    a, b = _as_fraction(pred), _as_fraction(gold)
+    if a is None or b is None:
+        return normalize_text(pred) == normalize_text(gold)
+    return a == b
+
+
+def normalize_text(value: str) -> str:
+    return _clean(value).strip().rstrip(".").lower()
+
+
+def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+             batch_size: int = 16) -> list[str]:
+    """Greedy completions of `prompts` (new text only), batched with left padding and the KV cache.
+
+    Prompts are tokenized exactly as data.encode_example tokenizes them for training, so the model
+    is scored on the distribution it was trained on.
+    """
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size}, {max_new_tokens}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    device = next(model.parameters()).device
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    outputs = []
+    try:
+        for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
+            ids = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
+            enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, top_p=None,
+                                 top_k=None, temperature=None, pad_token_id=tokenizer.pad_token_id)
+            new = out[:, enc["input_ids"].shape[1]:]
+            outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+    return outputs
+
+
+def evaluate(model: nn.Module, tokenizer, rows, max_new_tokens: int = 64, batch_size: int = 16,
+             out_path: str | None = None) -> dict:
+    """Exact match of the final answer on `rows` (a Dataset with question and answer columns).
+
+    Runs in eval mode under no_grad (each module's train/eval mode is restored afterwards) and, if
+    `out_path` is given, writes one JSON line per row with question, gold, prediction, extracted
+    prediction and correct (written to a temporary name, then renamed, so a crash leaves no half file).
+    """
+    if len(rows) == 0:
+        raise ValueError("evaluate got 0 rows; pass a non-empty held-out set (check eval_rows)")
+    questions, golds = list(rows["question"]), list(rows["answer"])
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            texts = generate(model, tokenizer, [prompt_text(tokenizer, q) for q in questions],
+                             max_new_tokens=max_new_tokens, batch_size=batch_size)
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    records = []
+    for question, gold, text in zip(questions, golds, texts):
+        pred, want = extract_answer(text), extract_answer(gold)
+        records.append({"question": question, "gold": gold, "gold_answer": want, "prediction": text,
+                        "extracted": pred, "correct": answers_match(pred, want)})
+    correct = sum(r["correct"] for r in records)
+    if out_path is not None:
+        write_jsonl(records, out_path)
+    return {"accuracy": correct / len(records), "correct": correct, "n": len(records)}
+
+
+def write_jsonl(records: list[dict], path: str) -> None:
+    """Write `records` as JSON lines atomically (temporary file in the same folder, then os.replace)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,221 @@
+"""DoRA/LoRA layers against an fp64 implementation of the paper's formula on the dequantized weight.
+
+Tolerances (relative Frobenius error vs fp64): fp32 compute 1e-5; bf16 compute 2e-2 (inputs, adapter
+weights and outputs are bf16, whose unit roundoff is 2^-8 ~ 4e-3, and errors add over the sum).
+"""
+
+import pytest
+import torch
+
+from qdora.dora import NORM_EPS, DoRALinear, LoRALinear
+from qdora.nf4 import NF4Weight
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def make(cls, out_f, in_f, rank, dtype, **kw):
+    w = torch.randn(out_f, in_f) / in_f ** 0.5
+    layer = cls(NF4Weight.quantize(w), None, rank, alpha=2.0 * max(rank, 1), dtype=dtype, **kw)
+    with torch.no_grad():  # move away from the init point so every term matters
+        if rank:
+            layer.lora_B.normal_(0, 0.05)
+        if hasattr(layer, "magnitude"):
+            layer.magnitude.mul_(torch.empty_like(layer.magnitude).uniform_(0.7, 1.3))
+    return layer
+
+
+def reference(layer, x, detached=True):
+    """fp64 DoRA (paper eq. 5; section 4.3 detaches the norm) or LoRA, with leaf tensors."""
+    W = layer.weight.dequantize(torch.float32).double()
+    leaves = {}
+    V = W
+    if layer.rank:
+        A = leaves["A"] = layer.lora_A.detach().double().requires_grad_()
+        B = leaves["B"] = layer.lora_B.detach().double().requires_grad_()
+        V = W + layer.scale * B @ A
+    if isinstance(layer, DoRALinear):
+        m = leaves["m"] = layer.magnitude.detach().double().requires_grad_()
+        n = V.norm(dim=1)
+        V = m[:, None] * V / (n.detach() if detached else n)[:, None]
+    return x @ V.T, leaves
+
+
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def check(layer, x, detached=True):
+    dtype = x.dtype
+    x = x.clone().requires_grad_()
+    y = layer(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    xr = x.detach().double().requires_grad_()
+    yr, leaves = reference(layer, xr, detached)
+    g = torch.randn_like(yr)
+    (y.double() * g).sum().backward()
+    (yr * g).sum().backward()
+    tol = TOL[dtype]
+    assert rel(y, yr) < tol
+    assert rel(x.grad, xr.grad) < tol
+    names = {"A": "lora_A", "B": "lora_B", "m": "magnitude"}
+    for key, leaf in leaves.items():
+        assert rel(getattr(layer, names[key]).grad, leaf.grad) < tol, key
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_f,in_f,rank", [(37, 130, 1), (64, 172, 8), (100, 64, 16), (33, 257, 64), (8, 96, 3)])
+def test_dora_matches_fp64_formula(out_f, in_f, rank, dtype):
+    layer = make(DoRALinear, out_f, in_f, rank, dtype)
+    check(layer, torch.randn(2, 5, in_f, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dora_exact_norm_gradient_matches_eq6(dtype):
+    layer = make(DoRALinear, 40, 172, 8, dtype, norm_mode="exact")
+    check(layer, torch.randn(3, 7, 172, dtype=dtype), detached=False)
+
+
+def test_detached_and_exact_differ_only_in_gradient():
+    a = make(DoRALinear, 40, 130, 8, torch.float32)
+    b = DoRALinear(a.weight, None, 8, a.alpha, dtype=torch.float32, norm_mode="exact")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(4, 130)
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(ya, yb)
+    ya.square().sum().backward()
+    yb.square().sum().backward()
+    assert not torch.allclose(a.lora_A.grad, b.lora_A.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_magnitude_only(dtype):
+    layer = make(DoRALinear, 30, 100, 0, dtype)
+    assert layer.lora_A is None and sum(p.requires_grad for p in layer.parameters()) == 1
+    check(layer, torch.randn(6, 100, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_matches_fp64(dtype):
+    check(make(LoRALinear, 50, 172, 8, dtype), torch.randn(4, 172, dtype=dtype))
+
+
+def test_bias_is_added_unscaled():
+    w, bias = torch.randn(12, 64), torch.randn(12)
+    layer = DoRALinear(NF4Weight.quantize(w), bias, 4, 8.0, dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.magnitude.mul_(2)
+    x = torch.randn(3, 64, requires_grad=True)
+    y = layer(x)
+    ref = x.double() @ layer.merged_weight().double().T + bias.double()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    y.sum().backward()  # the (out - bias) / g recovery path
+    xr = x.detach().double().requires_grad_()
+    (xr @ layer.merged_weight().double().T).sum().backward()
+    torch.testing.assert_close(x.grad.double(), xr.grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_init_output_equals_nf4_base(dtype):
+    """B = 0 and m = ||W0||: the output is the NF4 base output. In fp32 exactly; with a bf16
+    magnitude, m carries one bf16 rounding (relative 2^-8) of the norm."""
+    w = torch.randn(48, 172)
+    layer = DoRALinear(NF4Weight.quantize(w), None, 8, 16.0, dtype=dtype)
+    x = torch.randn(5, 172, dtype=dtype)
+    base = x @ layer.weight.dequantize(dtype).T
+    if dtype == torch.float32:
+        assert torch.equal(layer(x), base)
+    else:
+        torch.testing.assert_close(layer(x), base, rtol=2 ** -7, atol=1e-2)
+
+
+def test_norm_cache_recomputed_after_optimizer_step_only():
+    layer = make(DoRALinear, 32, 96, 4, torch.float32)
+    calls = []
+    original = layer._norm_torch
+    layer._norm_torch = lambda *a, **k: calls.append(1) or original(*a, **k)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    x = torch.randn(4, 96)
+    for _ in range(3):  # three gradient-accumulation micro-steps: one norm computation
+        layer(x).square().mean().backward()
+    assert len(calls) == 1
+    norm_before = layer._norm_detached().clone()
+    for kind in ("foreach", "fused"):
+        opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, **{kind: True})
+        opt.step()
+        opt.zero_grad()
+        layer(x).square().mean().backward()
+        layer(x).square().mean().backward()
+    assert len(calls) == 3  # once per optimizer step, whatever AdamW implementation ran
+    assert not torch.allclose(layer._norm_detached(), norm_before)
+    # And the cached value is the norm of the current A, B.
+    torch.testing.assert_close(layer._norm_detached(), layer.merged_weight().norm(dim=1) /
+                               (layer.magnitude.float() / layer._norm_detached()), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_no_nan_for_extreme_finite_weights(double_quant):
+    w = torch.randn(6, 64)
+    w[0] = 0.0                      # a dead row: norm clamps to sqrt(NORM_EPS), m starts equal
+    w[1] = 1e30                     # huge values: squared norms would overflow without row scaling
+    w[2] = 1e-30                    # tiny values: squared norms would underflow
+    for dtype in (torch.float32, torch.bfloat16):
+        for mode in ("detached", "exact"):
+            layer = DoRALinear(NF4Weight.quantize(w, double_quant=double_quant), None, 4, 8.0, dtype=dtype,
+                               norm_mode=mode)
+            with torch.no_grad():
+                layer.lora_B.normal_()
+            x = torch.randn(3, 64, dtype=dtype, requires_grad=True)
+            y = layer(x)
+            assert torch.isfinite(y).all()
+            y[:, [0, 2, 3]].sum().backward()
+            for p in (x, layer.lora_A, layer.lora_B, layer.magnitude):
+                assert torch.isfinite(p.grad).all()
+            assert torch.isfinite(layer.merged_weight()).all()
+    if not double_quant:  # bitsandbytes' 8-bit double quantization cannot keep a 1e-30 next to 1e30
+        assert layer.magnitude[0].item() == pytest.approx(NORM_EPS ** 0.5, rel=1e-2)
+        torch.testing.assert_close(layer.magnitude[1:3].double(), w[1:3].double().norm(dim=1), rtol=0.2, atol=0)
+
+
+def test_small_magnitude_rows_use_recomputed_gradient():
+    """Rows with g << 1 lose precision in (out - bias) / g; backward recomputes them."""
+    layer = make(DoRALinear, 16, 64, 4, torch.bfloat16)
+    with torch.no_grad():
+        layer.magnitude[:5] *= 1e-4
+    check(layer, torch.randn(8, 64, dtype=torch.bfloat16))
+
+
+def test_autocast_runs_in_bf16():
+    layer = make(DoRALinear, 16, 64, 4, torch.float32)
+    x = torch.randn(3, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), layer(x), rtol=2e-2, atol=2e-2)
+
+
+def test_dropout_only_on_adapter_branch():
+    layer = DoRALinear(NF4Weight.quantize(torch.randn(16, 64)), None, 4, 8.0, dropout=0.5,
+                       dtype=torch.float32)
+    x = torch.randn(5, 64)
+    base = x @ layer.weight.dequantize().T
+    layer.train()
+    torch.testing.assert_close(layer(x), base)  # B = 0: dropout cannot show yet
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    assert not torch.allclose(layer(x), layer(x))  # train mode: random
+    layer.eval()
+    torch.testing.assert_close(layer(x), x @ layer.merged_weight().T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"rank": -1}, "rank must be positive"),
+    ({"alpha": 0.0}, "alpha must be positive"),
+    ({"dropout": 1.0}, "dropout"),
+    ({"norm_mode": "approx"}, "norm_mode 'approx'"),
+])
+def test_bad_layer_arguments(kwargs, message):
+    args = {"rank": 4, "alpha": 8.0} | kwargs
+    mode = args.pop("norm_mode", "detached")
+    with pytest.raises(ValueError, match=message):
+        DoRALinear(NF4Weight.quantize(torch.randn(4, 64)), None, norm_mode=mode, **args)
