@@ -150,6 +150,15 @@ class DoRALinear(LoRALinear):
         self.magnitude = nn.Parameter(self._norm_from_wa(None, None, None).to(dtype))
         self._norm_cache: tuple[tuple, torch.Tensor] | None = None
 
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(dtype) casts the adapters as asked but keeps the norm constants in float32.
+        keep = {id(self.w0_sq), id(self.row_scale)}
+
+        def fp32_constants(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return t.to(out.device) if id(t) in keep and out.dtype != t.dtype else out
+        return super()._apply(fp32_constants, recurse)
+
     def _w0_sq_norms(self) -> torch.Tensor:
         if _use_triton(self.weight.packed.device):
             from qdora.kernels.dora_norm import nf4_row_sq_norms

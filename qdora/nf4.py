@@ -94,6 +94,13 @@ class NF4Weight(nn.Module):
             self.offset.copy_(state.offset)
         return self
 
+    def _apply(self, fn, recurse: bool = True):
+        # model.to(dtype) must move but never cast the packed bytes or their float32 scales.
+        def move_only(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(out.device)
+        return super()._apply(move_only, recurse)
+
     def scales(self) -> torch.Tensor:
         """Block scales as float32, shape (out, in_pad // blocksize)."""
         if not self.double_quant:

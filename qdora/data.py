@@ -1,0 +1,227 @@
+"""Question/answer data for math fine-tuning: loading, held-out splits, prompts, tokens, batches.
+
+Rows always have exactly the columns `question` and `answer` (Orca-Math's and GSM8K's names).
+Loading is done by `datasets` (json/parquet/arrow builders, load_from_disk, the hub); the
+training examples are (input_ids, labels) pairs with the loss on the answer tokens only.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+import datasets
+import torch
+
+from .problems import generate_problems
+
+BUILTIN = "builtin"
+BUILTIN_ROWS = 2000
+BUILTIN_SEED = 0
+BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow"}
+# Answer.AI's Orca-Math protocol: shuffle with seed 42, hold out the last 5,000 rows, score the first 500.
+PRESETS = {"answerai-orca": {"seed": 42, "held_out": 5000, "scored": 500}}
+INSTRUCTION = "Solve the problem and give the final answer after '####'."
+IGNORE_INDEX = -100
+
+
+def _from_builtin(source: str) -> datasets.Dataset:
+    _, _, count = source.partition(":")
+    try:
+        n = int(count) if count else BUILTIN_ROWS
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise ValueError(f"bad data source {source!r}; write builtin or builtin:N with N a positive integer")
+    return datasets.Dataset.from_list(generate_problems(n, seed=BUILTIN_SEED))
+
+
+def _builder_for(path: Path) -> str:
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise ValueError(f"cannot read {str(path)!r}: unknown extension {path.suffix!r}; "
+                         f"use one of {sorted(BUILDERS)} or a save_to_disk folder")
+    return builder
+
+
+def _first_split(loaded, source: str) -> datasets.Dataset:
+    if isinstance(loaded, datasets.Dataset):
+        return loaded
+    if "train" in loaded:
+        return loaded["train"]
+    if len(loaded) == 1:
+        return next(iter(loaded.values()))
+    raise ValueError(f"{source!r} has splits {sorted(loaded)} and none is named train; "
+                     f"point at the one file or folder you want")
+
+
+def _from_path(path: Path) -> datasets.Dataset:
+    if path.is_file():
+        return datasets.load_dataset(_builder_for(path), data_files=str(path), split="train")
+    if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
+        return _first_split(datasets.load_from_disk(str(path)), str(path))
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in BUILDERS)
+    if not files:
+        raise FileNotFoundError(f"folder {str(path)!r} holds no {sorted(BUILDERS)} files and is not a "
+                                f"save_to_disk folder; point at a data file or folder")
+    builders = {_builder_for(p) for p in files}
+    if len(builders) > 1:
+        raise ValueError(f"folder {str(path)!r} mixes file formats {sorted(builders)}; keep one format per folder")
+    return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train")
+
+
+def _looks_local(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in BUILDERS
+
+
+def _from_hub(source: str) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(source, split="train")
+    except Exception as exc:  # offline, unknown id, no train split: one line that says what to do
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(f"cannot load data {source!r} (not a local path; from the hub: {first}); "
+                                f"pass builtin, a .jsonl/.json/.parquet/.arrow file or folder, or a reachable hub id") from None
+
+
+def load_rows(source: str, question_field: str = "question", answer_field: str = "answer") -> datasets.Dataset:
+    """Rows with exactly the columns question and answer from `source`.
+
+    `source` is "builtin" (2000 generated problems, seed 0) or "builtin:N", a local
+    .jsonl/.json/.parquet/.arrow file or a folder of them (or of save_to_disk output), or else a
+    hub id loaded with datasets.load_dataset(source, split="train"). `question_field` and
+    `answer_field` name the source's columns (renamed to question and answer).
+    """
+    if source == BUILTIN or source.startswith(BUILTIN + ":"):
+        ds = _from_builtin(source)
+    else:
+        path = Path(os.path.expanduser(source))
+        if path.exists():
+            ds = _from_path(path)
+        elif _looks_local(source):
+            raise FileNotFoundError(f"data path {source!r} does not exist; check the path or use builtin")
+        else:
+            ds = _from_hub(source)
+    missing = [c for c in (question_field, answer_field) if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{source!r} has no column {missing[0]!r}; its columns are {ds.column_names}; "
+                         f"pass question_field/answer_field to name the right ones")
+    ds = ds.select_columns([question_field, answer_field])
+    renames = {old: new for old, new in ((question_field, "question"), (answer_field, "answer")) if old != new}
+    ds = ds.rename_columns(renames) if renames else ds
+    if len(ds) == 0:
+        raise ValueError(f"{source!r} has 0 rows; point at a non-empty data set")
+    return ds
+
+
+def split_rows(ds: datasets.Dataset, eval_rows: int, seed: int,
+               preset: str | None = None) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, held_out): shuffle with `seed` and hold out the last `eval_rows` rows.
+
+    preset "answerai-orca" ignores eval_rows and seed and follows Answer.AI's Orca-Math protocol:
+    shuffle with seed 42, hold out the last 5,000 rows, return the first 500 of them as held_out
+    (the other 4,500 are neither trained on nor scored).
+    """
+    n = len(ds)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown split preset {preset!r}; choose one of {sorted(PRESETS)} or none")
+        p = PRESETS[preset]
+        if n <= p["held_out"]:
+            raise ValueError(f"preset {preset!r} holds out {p['held_out']} rows but the data has only {n}; "
+                             f"use the full data set or no preset")
+        shuffled = ds.shuffle(seed=p["seed"])
+        return (shuffled.select(range(n - p["held_out"])),
+                shuffled.select(range(n - p["held_out"], n - p["held_out"] + p["scored"])))
+    if not isinstance(eval_rows, int) or eval_rows < 0 or eval_rows >= n:
+        raise ValueError(f"eval_rows={eval_rows!r} must be an integer in [0, {n}) for a data set of {n} rows; "
+                         f"lower eval_rows or use more data")
+    shuffled = ds.shuffle(seed=seed)
+    return shuffled.select(range(n - eval_rows)), shuffled.select(range(n - eval_rows, n))
+
+
+def prompt_messages(question: str) -> list[dict[str, str]]:
+    """The chat messages of a prompt: one user turn with the question and a fixed instruction."""
+    return [{"role": "user", "content": f"{question.strip()}\n{INSTRUCTION}"}]
+
+
+def prompt_text(tokenizer, question: str) -> str:
+    """The prompt text for `question`: the tokenizer's chat template (with the assistant turn
+    opened) when it has one, else the plain "Question: ...\\nAnswer:" template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(prompt_messages(question), tokenize=False, add_generation_prompt=True)
+    return f"Question: {question.strip()}\nAnswer:"
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt text; the tokenizer's special tokens (bos) are added unless the text
+    (a rendered chat template) already starts with the bos token. Training and generation both use it."""
+    bos = tokenizer.bos_token
+    add_special = not (bos and prompt.startswith(bos))
+    return tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+
+
+def encode_example(tokenizer, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one row: prompt tokens then answer tokens then eos; labels are
+    IGNORE_INDEX (-100) on the prompt so the loss is on the answer (and eos) only."""
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos token; set tokenizer.eos_token")
+    prompt = encode_prompt(tokenizer, prompt_text(tokenizer, question))
+    target = tokenizer(" " + answer.strip() if not getattr(tokenizer, "chat_template", None) else answer.strip(),
+                       add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt + target, [IGNORE_INDEX] * len(prompt) + target
+
+
+def encode_rows(ds: datasets.Dataset, tokenizer, max_length: int) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Encoded examples of every row no longer than `max_length` tokens, and how many were skipped."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+    examples, skipped, longest = [], 0, 0
+    for question, answer in zip(ds["question"], ds["answer"]):
+        ids, labels = encode_example(tokenizer, question, answer)
+        longest = max(longest, len(ids))
+        if len(ids) > max_length:
+            skipped += 1
+        else:
+            examples.append((ids, labels))
+    if not examples:
+        raise ValueError(f"all {len(ds)} rows are longer than max_length={max_length} tokens "
+                         f"(longest {longest}); raise max_length")
+    return examples, skipped
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (input_ids, labels) into input_ids, labels (-100 on padding), attention_mask."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        labels[row, :len(labs)] = torch.tensor(labs)
+        attention_mask[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def batches(examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id: int, seed: int,
+            epoch: int = 0, bucket: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+    """One epoch of padded batches covering every example exactly once (the last batch may be short).
+
+    Shuffled with seed + epoch; with `bucket`, examples are sorted by length within chunks of 50
+    batches (less padding) and the batch order is shuffled again. Deterministic for (seed, epoch).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rng = random.Random(seed + epoch)
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    if bucket:
+        chunk = 50 * batch_size
+        order = [i for s in range(0, len(order), chunk)
+                 for i in sorted(order[s:s + chunk], key=lambda i: len(examples[i][0]))]
+    groups = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    if bucket:
+        rng.shuffle(groups)
+    for group in groups:
+        yield collate([examples[i] for i in group], pad_id)
