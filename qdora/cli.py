@@ -50,6 +50,7 @@ def command(fn, summary: str, *configs):
                  for cls in configs]
         fn(*built)
 
+    run.flags = {f.name for _, f in fields}
     run.__signature__ = inspect.Signature(params)
     run.__doc__ = "\n".join(lines)
     run.__name__ = fn.__name__
@@ -69,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     if debug:
         argv.remove("--debug")
     try:
+        if argv and argv[0] in COMMANDS:
+            # fire would run the command first and complain about unused flags afterwards.
+            given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv[1:] if a.startswith("--")}
+            unknown = sorted(given - COMMANDS[argv[0]].flags - {"help", ""})
+            if unknown:
+                raise ValueError(f"unknown flag(s) {', '.join('--' + u for u in unknown)} for "
+                                 f"`qdora {argv[0]}`; see `qdora {argv[0]} --help`")
         fire.Fire(COMMANDS, command=argv, name="qdora")
     except _ERRORS as exc:
         if debug:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -230,3 +231,32 @@ def adapter_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the trainable tensors: what a QDoRA/QLoRA checkpoint needs beside the base model."""
     return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@contextmanager
+def merged(model: nn.Module, dtype: torch.dtype):
+    """Temporarily replace every adapted layer by a dense nn.Linear holding its merged weight.
+
+    Generation then pays no per-token dequantization (an unmerged QDoRA layer dequantizes its whole
+    NF4 weight on every forward, once per generated token). Costs one dense copy of the adapted
+    weights in `dtype` while inside; the adapter layers are put back on exit.
+    """
+    swapped = []
+    for name, layer in adapter_layers(model).items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        device = layer.weight.packed.device
+        dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                          device=device, dtype=dtype)
+        with torch.no_grad():
+            dense.weight.copy_(layer.merged_weight())
+            if layer.bias is not None:
+                dense.bias.copy_(layer.bias)
+        dense.requires_grad_(False)
+        setattr(parent, child, dense)
+        swapped.append((parent, child, layer))
+    try:
+        yield model
+    finally:
+        for parent, child, layer in swapped:
+            setattr(parent, child, layer)

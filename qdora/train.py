@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .data import batches, encode_rows, load_rows, split_rows
 from .evaluate import evaluate
-from .model import DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, prepare_model
+from .model import DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, merged, prepare_model
 
 # Learning rates used when --lr is not given: adapters tolerate (and need) much larger steps than
 # the dense weights of full fine-tuning.
@@ -48,6 +48,8 @@ class TrainConfig:
         eval_every: also evaluate every N steps (0 = only before and after).
         eval_batch_size: prompts per generation batch.
         max_new_tokens: generation budget per answer.
+        merge_for_eval: evaluate with the adapters merged into dense weights (much faster
+            generation; needs one dense copy of the adapted weights in memory during evaluation).
         preset: "answerai-orca" for Answer.AI's Orca-Math protocol (seed 42, last 5,000 held out, first 500 scored).
         seed: seed for data order, adapter init and dropout.
         device: "auto" (CUDA when available), "cpu" or "cuda".
@@ -70,6 +72,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_batch_size: int = 20
     max_new_tokens: int = 48
+    merge_for_eval: bool = True
     preset: str | None = None
     seed: int = 0
     device: str = "auto"
@@ -203,9 +206,13 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
     def run_eval(step: int) -> float:
         if not cfg.eval_rows:
             return float("nan")
+        path = os.path.join(cfg.out_dir, f"predictions_step{step}.jsonl")
         with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
-            result = evaluate(model, tokenizer, held_out, cfg.max_new_tokens, cfg.eval_batch_size,
-                              os.path.join(cfg.out_dir, f"predictions_step{step}.jsonl"))
+            if cfg.merge_for_eval:
+                with merged(model, compute):
+                    result = evaluate(model, tokenizer, held_out, cfg.max_new_tokens, cfg.eval_batch_size, path)
+            else:
+                result = evaluate(model, tokenizer, held_out, cfg.max_new_tokens, cfg.eval_batch_size, path)
         log({"step": step, "eval_accuracy": result["accuracy"], "eval_correct": result["correct"],
              "eval_n": result["n"]})
         tqdm.write(f"step {step}: held-out exact match {result['correct']}/{result['n']} = {result['accuracy']:.3f}")
