@@ -165,31 +165,40 @@ class DoRALinear(LoRALinear):
             return nf4_row_sq_norms(self.weight, self.row_scale)
         return self.weight.row_sq_norms(self.row_scale)
 
-    def _norm_detached(self) -> torch.Tensor:
-        """||V||_row in fp32, no graph; recomputed only after an optimizer step or an in-place edit."""
+    def _cache_key(self) -> tuple:
+        A, B = self.lora_A, self.lora_B
+        return (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), self.w0_sq.data_ptr())
+
+    def _norm_detached(self, dense: torch.Tensor | None = None) -> torch.Tensor:
+        """||V||_row in fp32, no graph; recomputed only after an optimizer step or an in-place edit.
+        `dense`, when given, is W0 already dequantized for this forward: reused instead of a second
+        dequantization."""
         if not self.rank:
             return self._norm_from_wa(None, None, None)
-        A, B = self.lora_A, self.lora_B
-        key = (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), self.w0_sq.data_ptr())
+        key = self._cache_key()
         if self._norm_cache is not None and self._norm_cache[0] == key:
             return self._norm_cache[1]
+        A, B = self.lora_A, self.lora_B
         with torch.no_grad():
             if _use_triton(A.device):
                 from qdora.kernels.dora_norm import dora_row_norm
                 norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
             else:
-                norm = self._norm_torch(A.float(), B.float())
+                norm = self._norm_torch(A.float(), B.float(), dense)
         self._norm_cache = (key, norm)
         return norm
 
-    def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, chunk_elems: int = 1 << 24) -> torch.Tensor:
-        """Factored row norm in fp32 from row chunks of W0 (no out x in fp32 copy at once)."""
+    def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, dense: torch.Tensor | None = None,
+                    chunk_elems: int = 1 << 24) -> torch.Tensor:
+        """Factored row norm in fp32, W0 @ A^T taken over row chunks (never an out x in fp32 copy)."""
         w = self.weight
-        scales = w.scales()
         step = max(1, chunk_elems // w.in_pad)
-        wa = torch.cat([w.dequantize(torch.float32, slice(i, i + step), scales) @ A.T
-                        for i in range(0, w.out_features, step)])
-        return self._norm_from_wa(wa, A, B)
+        if dense is None:
+            scales = w.scales()
+            chunks = (w.dequantize(torch.float32, slice(i, i + step), scales) for i in range(0, w.out_features, step))
+        else:
+            chunks = (dense[i:i + step].float() for i in range(0, w.out_features, step))
+        return self._norm_from_wa(torch.cat([c @ A.T for c in chunks]), A, B)
 
     def _norm_from_wa(self, wa: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor:
         """c * sqrt(max(||W0/c||^2 + 2s (B/c).(W0 A^T / c) + s^2 (B/c)(A A^T)(B/c)^T, eps)), c = row_scale."""
@@ -207,8 +216,13 @@ class DoRALinear(LoRALinear):
             if self.norm_mode == "exact" and self.rank:
                 return self._forward_exact(x, dtype)
             x_drop = self.dropout(x) if self.rank else x
+            dense = None
+            stale = self.rank and (self._norm_cache is None or self._norm_cache[0] != self._cache_key())
+            if stale and not _use_triton(x.device):  # dequantize once for both the norm and the output
+                dense = self.weight.dequantize(dtype)
             return _DoRAFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude,
-                                       self._norm_detached(), self._bias(dtype), self.weight, self.scale)
+                                       self._norm_detached(dense), self._bias(dtype), self.weight, self.scale,
+                                       dense)
 
     def _forward_exact(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         A, B = self.lora_A.float(), self.lora_B.float()
@@ -244,9 +258,10 @@ class _DoRAFunction(torch.autograd.Function):
     G_RECOMPUTE = 0.5
 
     @staticmethod
-    def forward(ctx, x, x_drop, A, B, m, norm, bias, weight: NF4Weight, scale: float):  # type: ignore[override]
+    def forward(ctx, x, x_drop, A, B, m, norm, bias, weight: NF4Weight, scale: float,  # type: ignore[override]
+                dense: torch.Tensor | None = None):
         dtype = x.dtype
-        base = nf4_linear(x, weight)
+        base = x @ (weight.dequantize(dtype) if dense is None else dense).T
         g = m.float() / norm
         delta = (g - 1) * base.float()
         ax = None
@@ -285,7 +300,7 @@ class _DoRAFunction(torch.autograd.Function):
             grad_A = (grad_ax.T @ x_drop.reshape(-1, x_drop.shape[-1])).to(A.dtype)
             if ctx.needs_input_grad[1]:
                 grad_xd = (grad_ax @ A.to(dtype)).view(*lead, -1)
-        return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None
+        return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None, None
 
 
 def _recompute_rows(x, ax, B, weight: NF4Weight, rows: torch.Tensor, scale: float) -> torch.Tensor:

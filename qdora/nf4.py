@@ -141,6 +141,35 @@ class NF4Weight(nn.Module):
             out.append(w.square().sum(1))
         return torch.cat(out)
 
+    def quant_state(self, dtype: torch.dtype = torch.float32) -> "bnbF.QuantState":
+        """bitsandbytes' QuantState for these bytes (shape (out, in_pad), nested scales if any)."""
+        nested = None
+        if self.double_quant:
+            nested = bnbF.QuantState(absmax=self.absmax2, code=self.code2, blocksize=NESTED_BLOCKSIZE,
+                                     dtype=torch.float32)
+        return bnbF.QuantState(absmax=self.absmax.reshape(-1), shape=torch.Size((self.out_features, self.in_pad)),
+                               code=bnbF.get_4bit_type("nf4", device=self.packed.device), blocksize=self.blocksize,
+                               quant_type="nf4", dtype=dtype, offset=self.offset if self.double_quant else None,
+                               state2=nested)
+
+    def to_linear4bit(self, dtype: torch.dtype = torch.float32, bias: torch.Tensor | None = None):
+        """A bitsandbytes `Linear4bit` holding these very bytes, for interoperability (PEFT on a 4-bit
+        base). Only when in_features is a multiple of the block size: bitsandbytes' flat layout then
+        equals ours byte for byte."""
+        import bitsandbytes as bnb
+
+        if self.in_pad != self.in_features:
+            raise ValueError(f"in_features={self.in_features} is not a multiple of blocksize={self.blocksize}; "
+                             f"bitsandbytes' flat layout cannot hold our per-row padding")
+        lin = bnb.nn.Linear4bit(self.in_features, self.out_features, bias=bias is not None, compute_dtype=dtype,
+                                quant_type="nf4", compress_statistics=self.double_quant, device=self.packed.device)
+        lin.weight = bnb.nn.Params4bit(self.packed.reshape(-1, 1).clone(), requires_grad=False,
+                                       quant_state=self.quant_state(dtype), blocksize=self.blocksize,
+                                       compress_statistics=self.double_quant, quant_type="nf4", bnb_quantized=True)
+        if bias is not None:
+            lin.bias = torch.nn.Parameter(bias.detach().to(dtype).clone(), requires_grad=False)
+        return lin
+
     def nbytes(self) -> int:
         """Bytes of everything stored for this weight."""
         return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))

@@ -164,7 +164,7 @@ def test_empty_saved_dataset_raises_zero_rows_error(tmp_path):
         load_rows(str(tmp_path / "saved"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: question_field == answer_field silently returns one column")
+@pytest.mark.xfail(strict=True, reason="BUG: question_field == answer_field returns columns ['answer', 'answer'] instead of raising")
 def test_same_field_for_question_and_answer_is_rejected(tmp_path):
     path = _write_jsonl(tmp_path / "rows.jsonl", ROWS[:3])
     with pytest.raises(ValueError):

@@ -7,8 +7,6 @@ dequantized weight, the norm and the LoRA product through bf16, so there both ar
 the fp32 model (2e-2) rather than against each other bit for bit.
 """
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -16,27 +14,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from qdora.dora import DoRALinear
 from qdora.model import AdapterConfig, adapter_layers, prepare_model
-from qdora.nf4 import NESTED_BLOCKSIZE
 
 RANK, ALPHA = 8, 16.0
 CFG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-
-
-def linear4bit_from(layer: DoRALinear, dtype: torch.dtype) -> bnb.nn.Linear4bit:
-    """A bitsandbytes Linear4bit whose Params4bit holds our packed bytes and scales."""
-    w = layer.weight
-    assert w.in_pad == w.in_features, "bitsandbytes' flat layout equals ours only for in % 64 == 0"
-    nested = bnbF.QuantState(absmax=w.absmax2, code=w.code2, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
-    state = bnbF.QuantState(absmax=w.absmax.reshape(-1), shape=torch.Size((w.out_features, w.in_features)),
-                            code=bnbF.get_4bit_type("nf4", device="cpu"), blocksize=w.blocksize,
-                            quant_type="nf4", dtype=dtype, offset=w.offset, state2=nested)
-    lin = bnb.nn.Linear4bit(w.in_features, w.out_features, bias=False, compute_dtype=dtype,
-                            quant_type="nf4", compress_statistics=True)
-    lin.weight = bnb.nn.Params4bit(w.packed.reshape(-1, 1).clone(), requires_grad=False, quant_state=state,
-                                   blocksize=w.blocksize, compress_statistics=True, quant_type="nf4",
-                                   bnb_quantized=True)
-    return lin
 
 
 def build_pair(dtype):
@@ -53,7 +34,7 @@ def build_pair(dtype):
     theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if k in theirs.state_dict()}, strict=False)
     for name, layer in adapter_layers(ours).items():
         parent, _, child = name.rpartition(".")
-        setattr(theirs.get_submodule(parent), child, linear4bit_from(layer, dtype))
+        setattr(theirs.get_submodule(parent), child, layer.weight.to_linear4bit(dtype))
     targets = sorted({n.rsplit(".", 1)[-1] for n in adapter_layers(ours)})
     theirs = get_peft_model(theirs, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                                target_modules=targets, use_dora=True))

@@ -1,0 +1,158 @@
+"""One training step (forward + backward + AdamW) of our QDoRA, our QLoRA and PEFT's QDoRA, side by side.
+
+The same small Llama (random weights), the same NF4 bytes, rank 16 on every linear layer but the head,
+batch 2 x 256 tokens. Time: the three models step in turn inside one process, median of --repeats,
+so machine noise hits all of them alike. Memory: each configuration also runs alone in a fresh
+subprocess, which reports its peak resident set size during two training steps (the kernel's
+high-water mark is reset after the model is built) and that peak minus the resident size just before
+the first step (what training itself adds).
+
+Targets (issue 2): ours QDoRA / ours QLoRA <= 1.10 time, <= 1.05 peak memory; ours QDoRA / PEFT QDoRA
+<= 0.60 time.
+
+    python benchmarks/bench_layer.py                  # CPU, bf16 compute
+    python benchmarks/bench_layer.py --device cuda    # on a GPU (memory then from torch.cuda)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from qdora.model import AdapterConfig, adapter_layers, prepare_model
+
+CONFIGS = ("qdora", "qlora", "peft-qdora")
+
+
+def build(name: str, args) -> torch.nn.Module:
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                      num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                      num_key_value_heads=args.hidden // 64, max_position_embeddings=args.seq)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+    method = "qlora" if name == "qlora" else "qdora"
+    model, _ = prepare_model(model, AdapterConfig(method=method, rank=args.rank, alpha=2.0 * args.rank))
+    if name == "peft-qdora":
+        from peft import LoraConfig, get_peft_model
+
+        layers = adapter_layers(model)
+        for qual, layer in layers.items():
+            parent, _, child = qual.rpartition(".")
+            setattr(model.get_submodule(parent), child, layer.weight.to_linear4bit(torch.bfloat16))
+        targets = sorted({q.rsplit(".", 1)[-1] for q in layers})
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                                 target_modules=targets, use_dora=True))
+    return model.to(args.device).train()
+
+
+def step_fn(model, args):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+
+    def step() -> None:
+        with torch.autocast(args.device, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS mark (VmHWM), so the peak excludes building the model."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+
+
+def measure_memory(name: str, args) -> dict:
+    step = step_fn(build(name, args), args)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+        for _ in range(2):
+            step()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        return {"peak_mb": peak, "added_mb": peak - before}
+    before = rss_mb()
+    reset_peak_rss()
+    for _ in range(2):
+        step()
+    peak = peak_rss_mb()
+    return {"peak_mb": peak, "added_mb": peak - before}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--memory-only", choices=CONFIGS, help=argparse.SUPPRESS)  # the subprocess mode
+    args = p.parse_args()
+    if args.memory_only:
+        print(json.dumps(measure_memory(args.memory_only, args)))
+        return
+
+    steps = {name: step_fn(build(name, args), args) for name in CONFIGS}
+    for step in steps.values():  # warm-up
+        step()
+    times = {name: [] for name in CONFIGS}
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            step()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t)
+    del steps
+    memory = {}
+    for name in CONFIGS:
+        cmd = [sys.executable, __file__, "--memory-only", name] + [
+            f"--{k}={getattr(args, k)}" for k in ("layers", "hidden", "intermediate", "vocab", "rank", "batch",
+                                                  "seq", "device")]
+        memory[name] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                                  .strip().splitlines()[-1])
+    med = {n: statistics.median(t) for n, t in times.items()}
+    print(f"Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocab {args.vocab}, "
+          f"rank {args.rank}, batch {args.batch}x{args.seq}, {args.device}, bf16 compute, median of {args.repeats}\n")
+    print("| config | step s | peak memory MB | added by training MB |")
+    print("| --- | --- | --- | --- |")
+    for n in CONFIGS:
+        print(f"| {n} | {med[n]:.3f} | {memory[n]['peak_mb']:.0f} | {memory[n]['added_mb']:.0f} |")
+    ratio = lambda a, b, key: memory[a][key] / memory[b][key]  # noqa: E731
+    print(f"\nours QDoRA / ours QLoRA: time {med['qdora'] / med['qlora']:.3f} (target <= 1.10), "
+          f"peak memory {ratio('qdora', 'qlora', 'peak_mb'):.3f} (target <= 1.05), "
+          f"added memory {ratio('qdora', 'qlora', 'added_mb'):.3f}")
+    print(f"ours QDoRA / PEFT QDoRA: time {med['qdora'] / med['peft-qdora']:.3f} (target <= 0.60), "
+          f"peak memory {ratio('qdora', 'peft-qdora', 'peak_mb'):.3f}")
+    print(f"PEFT QDoRA / ours QLoRA: time {med['peft-qdora'] / med['qlora']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
