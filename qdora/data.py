@@ -58,7 +58,18 @@ def _first_split(loaded, source: str) -> datasets.Dataset:
 
 
 def _from_path(path: Path) -> datasets.Dataset:
+    try:
+        return _read_path(path)
+    except (StopIteration, IndexError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
+        if isinstance(exc, ValueError) and "corresponds to no data" not in str(exc):
+            raise
+        raise ValueError(f"{str(path)!r} has 0 rows; point at a non-empty data set") from None
+
+
+def _read_path(path: Path) -> datasets.Dataset:
     if path.is_file():
+        if path.stat().st_size == 0:
+            raise ValueError(f"data file {str(path)!r} is empty (0 rows); point at a non-empty file")
         return datasets.load_dataset(_builder_for(path), data_files=str(path), split="train")
     if (path / "state.json").exists() or (path / "dataset_dict.json").exists():
         return _first_split(datasets.load_from_disk(str(path)), str(path))
@@ -66,6 +77,9 @@ def _from_path(path: Path) -> datasets.Dataset:
     if not files:
         raise FileNotFoundError(f"folder {str(path)!r} holds no {sorted(BUILDERS)} files and is not a "
                                 f"save_to_disk folder; point at a data file or folder")
+    files = [p for p in files if p.stat().st_size > 0]
+    if not files:
+        raise ValueError(f"every data file in folder {str(path)!r} is empty (0 rows); add rows")
     builders = {_builder_for(p) for p in files}
     if len(builders) > 1:
         raise ValueError(f"folder {str(path)!r} mixes file formats {sorted(builders)}; keep one format per folder")
@@ -93,6 +107,8 @@ def load_rows(source: str, question_field: str = "question", answer_field: str =
     hub id loaded with datasets.load_dataset(source, split="train"). `question_field` and
     `answer_field` name the source's columns (renamed to question and answer).
     """
+    if question_field == answer_field:
+        raise ValueError(f"question_field and answer_field are both {question_field!r}; name two different columns")
     if source == BUILTIN or source.startswith(BUILTIN + ":"):
         ds = _from_builtin(source)
     else:
@@ -138,7 +154,7 @@ def split_rows(ds: datasets.Dataset, eval_rows: int, seed: int,
         raise ValueError(f"eval_rows={eval_rows!r} must be an integer in [0, {n}) for a data set of {n} rows; "
                          f"lower eval_rows or use more data")
     shuffled = ds.shuffle(seed=seed)
-    return shuffled.select(range(n - eval_rows)), shuffled.select(range(n - eval_rows, n))
+    return shuffled.select(range(n - eval_rows)), shuffled.select(range(n - eval_rows, n)) if eval_rows else ds.select([])
 
 
 def prompt_messages(question: str) -> list[dict[str, str]]:

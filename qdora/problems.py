@@ -74,7 +74,7 @@ def _two_items(rng: random.Random) -> Problem:
 
 
 def _sharing(rng: random.Random) -> Problem:
-    (name, he), things = _people(rng, 1)[0], rng.choice(THINGS)
+    (name, _), things = _people(rng, 1)[0], rng.choice(THINGS)
     k, each = rng.randint(2, 8), rng.randint(2, 12)
     t = k * each
     q = (f"{name} has {t} {things} and shares them equally among {k} friends. "

@@ -7,16 +7,14 @@ import math
 import os
 import random
 import resource
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from itertools import islice
 
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .checkpoint import save_adapter
 from .data import batches, encode_rows, load_rows, split_rows
 from .evaluate import evaluate
 from .model import DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, merged, prepare_model
@@ -143,20 +141,6 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: i
         total = total + torch.utils.checkpoint.checkpoint(piece, hidden[i:i + chunk], targets[i:i + chunk],
                                                           use_reentrant=False)
     return total
-
-
-def save_adapter(model: torch.nn.Module, path: str, meta: dict) -> None:
-    """Trainable tensors (safetensors) and the run's configuration, written to a temporary folder
-    and renamed into place, so `path` is either complete or absent."""
-    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    parent = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    save_file(tensors, os.path.join(tmp, "adapter.safetensors"))
-    with open(os.path.join(tmp, "qdora_config.json"), "w") as f:
-        json.dump(meta, f, indent=2)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
 
 
 def prepare_out_dir(out_dir: str) -> None:
