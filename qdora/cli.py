@@ -9,10 +9,12 @@ import sys
 
 import fire
 
+from .compare import PER_METHOD, CompareConfig, compare
+from .evaluate import EvalConfig, eval_run
 from .model import AdapterConfig
 from .train import TrainConfig, train
 
-_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, NotADirectoryError, PermissionError)
+_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, NotADirectoryError, PermissionError, RuntimeError)
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -31,22 +33,27 @@ def _field_docs(cls) -> dict[str, str]:
     return docs
 
 
-def command(fn, summary: str, *configs):
-    """A fire-callable whose signature and --help list every field of `configs` with its default."""
-    fields = [(cls, f) for cls in configs for f in dataclasses.fields(cls)]
-    params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+def command(fn, summary: str, *configs, exclude: tuple[str, ...] = ()):
+    """A fire-callable whose signature and --help list every field of `configs` with its default.
+    Fields named in `exclude` are set by `fn` itself for configs after the first (no flag)."""
+    fields = [(cls, f) for i, cls in enumerate(configs) for f in dataclasses.fields(cls)
+              if i == 0 or f.name not in exclude]
+    params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=f.type,
+                                default=inspect.Parameter.empty if f.default is dataclasses.MISSING else f.default)
               for _, f in fields]
     lines = [summary, "", "Args:"]
     for cls in configs:
         docs = _field_docs(cls)
         for f in dataclasses.fields(cls):
+            if cls is not configs[0] and f.name in exclude:
+                continue
             lines.append(f"    {f.name}: {docs.get(f.name, '')}")
 
     def run(**flags):
         unknown = set(flags) - {f.name for _, f in fields}
         if unknown:
             raise ValueError(f"unknown flag(s) {sorted(unknown)}; see --help")
-        built = [cls(**{f.name: flags[f.name] for f in dataclasses.fields(cls) if f.name in flags})
+        built = [cls(**{f.name: flags[f.name] for c, f in fields if c is cls and f.name in flags})
                  for cls in configs]
         fn(*built)
 
@@ -60,6 +67,10 @@ def command(fn, summary: str, *configs):
 COMMANDS = {
     "train": command(train, "Fine-tune a model with QDoRA, QLoRA or full FT and score held-out exact match.",
                      TrainConfig, AdapterConfig),
+    "compare": command(compare, "Train QDoRA, QLoRA and full FT on the same budget; write a table and a plot.",
+                       CompareConfig, TrainConfig, AdapterConfig, exclude=PER_METHOD),
+    "eval": command(eval_run, "Score a trained run's exact match on held-out problems (greedy, merged weights).",
+                    EvalConfig),
 }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
@@ -168,3 +169,78 @@ def write_jsonl(records: list[dict], path: str) -> None:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Score a trained run on held-out problems.
+
+    Args:
+        run: a `qdora train` output folder (or its adapter/ folder).
+        data: data source to score; default the run's own data and held-out split.
+        eval_rows: held-out rows; default the run's.
+        preset: split preset (answerai-orca); default the run's.
+        nf4: quantize the run's dense weights to NF4 before scoring (the "FT then NF4" baseline;
+            only for method=ft runs).
+        max_new_tokens: generation budget per answer.
+        batch_size: prompts per generation batch.
+        out: predictions JSONL path; default RUN/predictions_eval.jsonl (or _nf4).
+        device: auto (CUDA when available), cpu or cuda.
+    """
+
+    run: str
+    data: str | None = None
+    eval_rows: int | None = None
+    preset: str | None = None
+    nf4: bool = False
+    max_new_tokens: int = 48
+    batch_size: int = 20
+    out: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not os.path.isdir(self.run):
+            raise FileNotFoundError(f"run folder {self.run!r} does not exist; pass a `qdora train` output folder")
+        for name in ("max_new_tokens", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.eval_rows is not None and (not isinstance(self.eval_rows, int) or self.eval_rows < 1):
+            raise ValueError(f"eval_rows must be a positive integer, got {self.eval_rows!r}")
+
+
+def quantize_dense(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
+                   targets: tuple[str, ...] = ("all-linear",)) -> None:
+    """Round every target linear weight of a dense model through NF4 in place (FT then NF4)."""
+    from .model import find_targets
+    from .nf4 import NF4Weight
+
+    with torch.no_grad():
+        for name in find_targets(model, targets):
+            w = model.get_submodule(name).weight
+            w.copy_(NF4Weight.quantize(w, blocksize, double_quant).dequantize(w.dtype))
+
+
+def eval_run(cfg: EvalConfig) -> dict:
+    """Exact match of a trained run (merged for speed) on its held-out problems or on `cfg.data`."""
+    from .checkpoint import load_run
+    from .data import load_rows, split_rows
+    from .model import DTYPES, merged
+    from .train import resolve_device
+
+    device = resolve_device(cfg.device)
+    model, tokenizer, meta = load_run(cfg.run, device)
+    train_cfg, adapter = meta["train"], meta["adapter"]
+    if cfg.nf4:
+        if adapter["method"] != "ft":
+            raise ValueError(f"--nf4 quantizes a fully fine-tuned model; this run used method={adapter['method']}")
+        quantize_dense(model, adapter["blocksize"], adapter["double_quant"], tuple(adapter["targets"]))
+    rows = load_rows(cfg.data or train_cfg["data"])
+    eval_rows = cfg.eval_rows if cfg.eval_rows is not None else train_cfg["eval_rows"]
+    preset = cfg.preset if cfg.preset is not None else train_cfg["preset"]
+    _, held_out = split_rows(rows, eval_rows, train_cfg["seed"], preset)
+    out = cfg.out or os.path.join(cfg.run, f"predictions_eval{'_nf4' if cfg.nf4 else ''}.jsonl")
+    compute = DTYPES[adapter["compute_dtype"]]
+    with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32), merged(model, compute):
+        result = evaluate(model, tokenizer, held_out, cfg.max_new_tokens, cfg.batch_size, out)
+    print(f"exact match {result['correct']}/{result['n']} = {result['accuracy']:.3f}; predictions in {out}")
+    return result
