@@ -415,3 +415,32 @@ def test_prompt_and_pad_predictions_get_no_gradient(model, tok, gsm8k_rows):
     for (ids, labels), row in zip(examples, trained):
         first = labels.index(next(x for x in labels if x != IGNORE_INDEX))
         assert row.nonzero().flatten().tolist() == list(range(first - 1, len(ids) - 1))
+
+
+# ---------------------------------------------------------------- chat-template prompts
+
+# SmolLM2's own tokenizer takes ~12 s to build from its GGUF file (over the 10 s test budget), so the
+# chat path is tested on the stories260K tokenizer given a ChatML-like template that starts with bos.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def test_encode_example_with_a_chat_template_masks_exactly_the_prompt(gsm8k_rows):
+    from qdora.data import prompt_messages
+    from qdora.model import load_tokenizer
+
+    chat = load_tokenizer(str(need(STORIES)))  # its own copy: the module's `tok` stays template-free
+    chat.chat_template = CHAT_TEMPLATE
+    for row in gsm8k_rows:
+        text = prompt_text(chat, row["question"])
+        assert text == chat.apply_chat_template(prompt_messages(row["question"]), tokenize=False,
+                                                add_generation_prompt=True)
+        assert row["question"].strip() in text and text.endswith("<|assistant|>\n")
+        prompt = chat(text, add_special_tokens=False)["input_ids"]  # the template already has bos
+        assert encode_prompt(chat, text) == prompt and prompt.count(chat.bos_token_id) == 1
+        ids, labels = encode_example(chat, row["question"], row["answer"])
+        n = len(prompt)
+        assert ids[:n] == prompt and labels[:n] == [IGNORE_INDEX] * n
+        assert labels[n:] == ids[n:] and IGNORE_INDEX not in labels[n:]
+        assert ids[-1] == chat.eos_token_id
+        assert chat.decode(ids[n:-1]) == row["answer"].strip()
