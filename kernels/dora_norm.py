@@ -1,222 +1,297 @@
-"""Fused Triton kernels for the DoRA row norm on an NF4 base, plus plain-PyTorch references.
+"""DoRA row norms straight from the packed NF4 weight, in Triton.
 
-DoRA needs ||V_i|| for V = W0 + s * B @ A, once per optimizer step. Materializing V (what PEFT
-does) reads and writes several dense out x in matrices. The factored form needs only W0 A^T:
+DoRA needs ||V_i|| for V = W0 + s * B @ A, one value per output row. Expanding the square,
 
-    ||V_i / c_i||^2 = ||W0_i / c_i||^2 + 2 s (B_i / c_i) . (W0 A^T)_i / c_i + s^2 (B_i / c_i) G (B_i / c_i)^T
+    ||V_i||^2 = ||W0_i||^2 + 2 s B_i . (W0 A^T)_i + s^2 ||(B A)_i||^2,
 
-with G = A A^T (r x r) and c_i the per-row `row_scale` that keeps every square finite. The first
-term is a constant (`nf4_row_sq_norms`, once at init); `dora_row_norm` streams the packed NF4
-weight once, decodes each tile in registers, accumulates (W0 / c) A^T in float32 with `tl.dot`,
-and evaluates the whole formula in the epilogue, so per call it reads ~0.52 bytes per base
-parameter plus A and B and writes out * 4 bytes. No dense out x in tensor is ever written.
+where ||W0_i||^2 is a constant (`nf4_row_sq_norms`, once per layer) and the rest needs one pass
+over W0: `dora_row_norm` streams each row's packed bytes and block scales once, decodes them in
+registers and accumulates W0 A^T (out x r) and ||(B A)_i||^2 (the same number as B_i (A A^T) B_i^T,
+computed from the A tiles already loaded for W0 A^T, so A is read once and no r x r Gram matrix is
+needed). The dense out x in weight never exists; the traffic is about half a byte per parameter.
 
-Tiles: a program owns BLOCK_M rows and walks the row in steps of BLOCK_K columns that never
-straddle a quantization block, so each step needs one scale per row. The codes of a byte are
-columns 2j (high nibble) and 2j + 1 (low nibble); instead of interleaving them in registers the
-kernel multiplies the high-nibble tile by the even columns of A and the low-nibble tile by the
-odd ones: (W A^T) = W_even A_even^T + W_odd A_odd^T.
+The dots run on bf16 tensor cores at close to float32 accuracy: NF4 codes (and A or B when they are
+not bf16) are split into hi + lo bf16 parts, see `_split_dot`. Each K step stays inside one
+quantization block, so its scale multiplies the (rows x r) partial product rather than every weight.
+A byte holds columns 2t (high nibble) and 2t+1 (low nibble): the high-nibble tile meets the even
+columns of A and the low-nibble tile the odd ones, so nothing is interleaved in registers.
+
+With `row_scale` = c (one positive value per row) everything is computed for W0 / c and B / c and
+the norm multiplied back by c, as `DoRALinear` does, so no finite weight overflows float32 squares.
+When the rows alone give too few programs for the GPU, the in dimension is split across programs
+and the per-split partial sums are added in PyTorch (deterministically).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
 from qdora.nf4 import FLOAT_DTYPES, NF4Weight
 
-from .nf4_dequant import (check_device, check_weight, is_interpreted, nf4_code_table,
-                          nf4_dequantize_reference, require_triton, triton, _nested_args)
+from .nf4_dequant import (check_nf4, check_vector, interpreting, nf4_code, nf4_dequantize_reference,
+                          require_triton, triton)
 
 if triton is not None:
     import triton.language as tl
 
-    from .nf4_dequant import nf4_block_scale
+    from .nf4_dequant import block_scale
 
     @triton.jit
-    def _nf4_scaled_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-                         rows, row_mask, c, k0, half, nblocks,
-                         BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, HALF_K: tl.constexpr):
-        """W0 / c for columns k0 .. k0 + 2 * HALF_K of `rows`, as (even columns, odd columns)."""
-        byte = k0 // 2 + tl.arange(0, HALF_K)
-        q = tl.load(packed_ptr + rows[:, None] * half + byte[None, :],
-                    mask=row_mask[:, None], other=0).to(tl.int32)
-        scale = nf4_block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                rows * nblocks + k0 // BLOCKSIZE, row_mask, DOUBLE_QUANT) / c
-        hi = tl.load(code_ptr + (q >> 4)) * scale[:, None]
-        lo = tl.load(code_ptr + (q & 0xF)) * scale[:, None]
-        return hi, lo
+    def _bf16_dot(a, b, INTERPRET: tl.constexpr):
+        # The interpreter's bf16 dot is wrong; there the bf16 values are multiplied as float32.
+        if INTERPRET:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        else:
+            return tl.dot(a, b, out_dtype=tl.float32)
 
     @triton.jit
-    def _nf4_row_sq_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-                           row_scale_ptr, out_ptr, n_rows, in_pad, nblocks,
-                           BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                           BLOCK_M: tl.constexpr, HALF_K: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    def _split(x, SPLIT: tl.constexpr):
+        """float32 x as bf16 hi + lo (lo only when SPLIT; x is exactly bf16 otherwise)."""
+        hi = x.to(tl.bfloat16)
+        if SPLIT:
+            return hi, (x - hi.to(tl.float32)).to(tl.bfloat16)
+        else:
+            return hi, hi
+
+    @triton.jit
+    def _split_dot(a_hi, a_lo, b_hi, b_lo, A_LO: tl.constexpr, B_LO: tl.constexpr, INTERPRET: tl.constexpr):
+        """(a_hi + a_lo) @ (b_hi + b_lo) on bf16 tensor cores without the lo @ lo term: close to
+        float32 accuracy (about 2^-16 relative per product) where TF32 would give 2^-11."""
+        acc = _bf16_dot(a_hi, b_hi, INTERPRET)
+        if A_LO:
+            acc += _bf16_dot(a_lo, b_hi, INTERPRET)
+        if B_LO:
+            acc += _bf16_dot(a_hi, b_lo, INTERPRET)
+        return acc
+
+    @triton.jit
+    def _row_sq_norms_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
+                             row_scale_ptr, out_ptr, n_rows, in_features, nblocks,
+                             DOUBLE_QUANT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HALF: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+        # Tile axes: (row, quantization block, byte within the block), as in _nf4_dequant_kernel.
+        row_ids = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = row_ids[:, None, None]
         row_mask = rows < n_rows
-        c = tl.load(row_scale_ptr + rows, mask=row_mask, other=1.0)
-        acc = tl.zeros((BLOCK_M, HALF_K), dtype=tl.float32)
-        for k0 in range(0, in_pad, 2 * HALF_K):
-            hi, lo = _nf4_scaled_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                      code_ptr, rows, row_mask, c, k0, in_pad // 2, nblocks,
-                                      BLOCKSIZE, DOUBLE_QUANT, HALF_K)
+        rows = rows.to(tl.int64)
+        t = tl.arange(0, HALF)[None, None, :]
+        if HAS_ROW_SCALE:
+            inv_c = tl.div_rn(1.0, tl.load(row_scale_ptr + rows, mask=row_mask, other=1.0))
+        acc = tl.zeros((BLOCK_M, BLOCK_B, HALF), dtype=tl.float32)
+        for b0 in range(0, nblocks, BLOCK_B):
+            blocks = b0 + tl.arange(0, BLOCK_B)[None, :, None]
+            mask = row_mask & (blocks < nblocks)
+            packed = tl.load(packed_ptr + rows * (nblocks * HALF) + blocks * HALF + t, mask=mask, other=0)
+            scale = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows * nblocks + blocks, mask,
+                                DOUBLE_QUANT)
+            if HAS_ROW_SCALE:
+                scale = scale * inv_c
+            col = blocks * (2 * HALF) + 2 * t
+            hi = tl.where(col < in_features, tl.load(code_ptr + (packed >> 4).to(tl.int32)), 0.0) * scale
+            lo = tl.where(col + 1 < in_features, tl.load(code_ptr + (packed & 0xF).to(tl.int32)), 0.0) * scale
             acc += hi * hi + lo * lo
-        tl.store(out_ptr + rows, tl.sum(acc, axis=1), mask=row_mask)
+        tl.store(out_ptr + row_ids, tl.sum(tl.sum(acc, axis=2), axis=1), mask=row_ids < n_rows)
 
     @triton.jit
-    def _dora_norm_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
-                          row_scale_ptr, w0_sq_ptr, a_ptr, b_ptr, g_ptr, out_ptr,
-                          n_rows, in_features, in_pad, nblocks, rank, scale, eps,
-                          BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-                          BLOCK_M: tl.constexpr, HALF_K: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_RC: tl.constexpr, PRECISION: tl.constexpr):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    def _dora_norm_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_hi_ptr, code_lo_ptr,
+                          a_ptr, b_ptr, w0_sq_ptr, row_scale_ptr, out_ptr,
+                          n_rows, in_features, rank, blocksize, nblocks, steps_per_split,
+                          stride_ar, stride_ak, stride_bm, stride_br, scale, eps,
+                          DOUBLE_QUANT: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, FINAL: tl.constexpr,
+                          SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, INTERPRET: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+        pid_k = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_mask = rows < n_rows
-        c = tl.load(row_scale_ptr + rows, mask=row_mask, other=1.0)
+        rows64 = rows.to(tl.int64)
         r = tl.arange(0, BLOCK_R)
         r_mask = r < rank
-        j = tl.arange(0, HALF_K)
+        t = tl.arange(0, BLOCK_K // 2)
+        if HAS_ROW_SCALE:
+            c = tl.load(row_scale_ptr + rows, mask=row_mask, other=1.0)
+        else:
+            c = tl.full((BLOCK_M,), 1.0, tl.float32)
+        inv_c = tl.div_rn(1.0, c)
+        b = tl.load(b_ptr + rows64[:, None] * stride_bm + r[None, :] * stride_br,
+                    mask=row_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32)
+        b_hi, b_lo = _split(b, SPLIT_B)
+        wa = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)        # (W0 / c) A^T
+        ba_sq = tl.zeros((BLOCK_M, BLOCK_K // 2), dtype=tl.float32)  # ((B A) / c)^2, reduced at the end
 
-        # Main loop: acc = (W0 / c) @ A^T over the padded row, float32 accumulation.
-        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, in_pad, 2 * HALF_K):
-            hi, lo = _nf4_scaled_tile(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
-                                      code_ptr, rows, row_mask, c, k0, in_pad // 2, nblocks,
-                                      BLOCKSIZE, DOUBLE_QUANT, HALF_K)
-            even = k0 + 2 * j  # padding columns (>= in_features) meet zeros of A
-            a_even = tl.load(a_ptr + r[None, :] * in_features + even[:, None],
-                             mask=r_mask[None, :] & (even[:, None] < in_features), other=0.0)
-            a_odd = tl.load(a_ptr + r[None, :] * in_features + even[:, None] + 1,
-                            mask=r_mask[None, :] & (even[:, None] + 1 < in_features), other=0.0)
-            acc = tl.dot(hi, a_even.to(tl.float32), acc, input_precision=PRECISION)
-            acc = tl.dot(lo, a_odd.to(tl.float32), acc, input_precision=PRECISION)
+        k_begin = pid_k * steps_per_split * BLOCK_K
+        k_end = tl.minimum(k_begin + steps_per_split * BLOCK_K, in_features)
+        for k0 in range(k_begin, k_end, BLOCK_K):
+            packed = tl.load(packed_ptr + rows64[:, None] * (nblocks * blocksize // 2) + k0 // 2 + t[None, :],
+                             mask=row_mask[:, None], other=0)
+            s = block_scale(absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, rows64 * nblocks + k0 // blocksize,
+                            row_mask, DOUBLE_QUANT) * inv_c
+            q_hi = (packed >> 4).to(tl.int32)
+            q_lo = (packed & 0xF).to(tl.int32)
+            cols = k0 + 2 * t
+            a_mask = r_mask[:, None] & (cols[None, :] < in_features)
+            a_ptrs = a_ptr + r[:, None] * stride_ar + cols[None, :] * stride_ak
+            ae_hi, ae_lo = _split(tl.load(a_ptrs, mask=a_mask, other=0.0).to(tl.float32), SPLIT_A)
+            ao_hi, ao_lo = _split(tl.load(a_ptrs + stride_ak, mask=a_mask & (cols[None, :] + 1 < in_features),
+                                          other=0.0).to(tl.float32), SPLIT_A)
+            # Codes of the high nibbles meet the even columns of A, low nibbles the odd ones.
+            part = _split_dot(tl.load(code_hi_ptr + q_hi), tl.load(code_lo_ptr + q_hi), tl.trans(ae_hi),
+                              tl.trans(ae_lo), True, SPLIT_A, INTERPRET)
+            part += _split_dot(tl.load(code_hi_ptr + q_lo), tl.load(code_lo_ptr + q_lo), tl.trans(ao_hi),
+                               tl.trans(ao_lo), True, SPLIT_A, INTERPRET)
+            wa += part * s[:, None]
+            ba_even = _split_dot(b_hi, b_lo, ae_hi, ae_lo, SPLIT_B, SPLIT_A, INTERPRET) * inv_c[:, None]
+            ba_odd = _split_dot(b_hi, b_lo, ao_hi, ao_lo, SPLIT_B, SPLIT_A, INTERPRET) * inv_c[:, None]
+            ba_sq += ba_even * ba_even + ba_odd * ba_odd
 
-        # Epilogue: cross term (B/c) . acc and quadratic term (B/c) G (B/c)^T, G in column chunks.
-        b_rows = b_ptr + rows[:, None] * rank
-        b = tl.load(b_rows + r[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
-        b = b.to(tl.float32) / c[:, None]
-        cross = tl.sum(b * acc, axis=1)
-        quad = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for j0 in tl.static_range(0, BLOCK_R, BLOCK_RC):
-            cols = j0 + tl.arange(0, BLOCK_RC)
-            col_mask = cols < rank
-            g = tl.load(g_ptr + r[:, None] * rank + cols[None, :],
-                        mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-            b_j = tl.load(b_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-            b_j = b_j.to(tl.float32) / c[:, None]
-            quad += tl.sum(tl.dot(b, g, input_precision=PRECISION) * b_j, axis=1)
-        w0_sq = tl.load(w0_sq_ptr + rows, mask=row_mask, other=0.0)
-        n2 = w0_sq + 2.0 * scale * cross + (scale * scale) * quad
-        tl.store(out_ptr + rows, tl.sqrt(tl.maximum(n2, eps)) * c, mask=row_mask)
-
-
-def _check_vector(name: str, t: torch.Tensor, n: int, device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype != torch.float32 or tuple(t.shape) != (n,):
-        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be a float32 tensor of shape ({n},), got {got}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the NF4 weight is on {device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
-
-
-def _check_matrix(name: str, t: torch.Tensor, shape: tuple[int, int], device: torch.device) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES or tuple(t.shape) != shape:
-        got = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must be a float tensor ({', '.join(map(str, FLOAT_DTYPES))}) "
-                         f"of shape {shape}, got {got}")
-    if t.device != device:
-        raise ValueError(f"{name} is on {t.device} but the NF4 weight is on {device}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous, got stride {t.stride()}")
+        cross = tl.sum(b * inv_c[:, None] * wa, axis=1)
+        quad = tl.sum(ba_sq, axis=1)
+        if FINAL:
+            n2 = tl.load(w0_sq_ptr + rows, mask=row_mask, other=0.0) + 2.0 * scale * cross + scale * scale * quad
+            tl.store(out_ptr + rows, tl.sqrt_rn(tl.maximum(n2, eps)) * c, mask=row_mask)
+        else:
+            base = out_ptr + pid_k * 2 * n_rows  # partial sums laid out as (split, 2, out)
+            tl.store(base + rows, cross, mask=row_mask)
+            tl.store(base + n_rows + rows, quad, mask=row_mask)
 
 
-def _dot_precision(device: torch.device, interpreted: bool) -> str:
-    """float32 tl.dot precision: 3xTF32 on Ampere+ NVIDIA (about float32 accuracy on tensor
-    cores; plain TF32 would cost ~3 decimal digits in W0 A^T), IEEE float32 elsewhere."""
-    if interpreted or device.type != "cuda" or torch.version.hip is not None:
-        return "ieee"
-    return "tf32x3" if torch.cuda.get_device_capability(device)[0] >= 8 else "ieee"
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _row_block(n_rows: int, preferred: int) -> int:
-    return max(16, min(preferred, triton.next_power_of_2(n_rows)))
+def norm_launch_config(out_features: int, in_features: int, blocksize: int, rank: int,
+                       num_sms: int) -> dict[str, int]:
+    """Tile sizes and the split of the in dimension for `dora_row_norm`.
 
-
-def nf4_row_sq_norms(weight: NF4Weight, row_scale: torch.Tensor) -> torch.Tensor:
-    """float32 (out,) ||W0_i / row_scale_i||^2, one Triton pass over the packed weight."""
-    require_triton()
-    check_weight(weight)
-    device = weight.packed.device
-    interpreted = is_interpreted(_nf4_row_sq_kernel)
-    check_device(weight.packed, interpreted)
-    _check_vector("row_scale", row_scale, weight.out_features, device)
-    out = torch.empty(weight.out_features, dtype=torch.float32, device=device)
-    block_m = _row_block(weight.out_features, 32)
-    half_k = min(weight.blocksize, 256) // 2
-    absmax2, code2, offset = _nested_args(weight)
-    _nf4_row_sq_kernel[(triton.cdiv(weight.out_features, block_m),)](
-        weight.packed, weight.absmax, absmax2, code2, offset, nf4_code_table(device), row_scale, out,
-        weight.out_features, weight.in_pad, weight.absmax.shape[1],
-        BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, BLOCK_M=block_m,
-        HALF_K=half_k, num_warps=4, enable_fp_fusion=True)
-    return out
-
-
-def dora_row_norm(weight: NF4Weight, w0_sq: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                  scale: float, eps: float, row_scale: torch.Tensor) -> torch.Tensor:
-    """float32 (out,) ||W0 + scale * B @ A||_row from one fused pass over the packed NF4 weight.
-
-    `w0_sq` is `nf4_row_sq_norms(weight, row_scale)`; A is (r, in_features), B (out, r), any
-    float dtype (read as is, computed in float32). The squared norm is clamped at `eps` (on the
-    row-scaled rows) before the square root, exactly as `DoRALinear._norm_from_wa`.
+    One K step is at most one quantization block (so one scale per row applies) and at least 32
+    columns (16 bytes: the smallest tl.dot K). The in dimension is split until there are about two
+    programs per SM; with one SM (the interpreter) it is never split.
     """
-    require_triton()
-    check_weight(weight)
-    device = weight.packed.device
-    interpreted = is_interpreted(_dora_norm_kernel)
-    check_device(weight.packed, interpreted)
-    out_f, in_f = weight.out_features, weight.in_features
-    if not isinstance(A, torch.Tensor) or A.dim() != 2 or A.shape[0] < 1:
-        raise ValueError(f"A must be a 2-D (rank, {in_f}) tensor with rank >= 1, got "
-                         f"{tuple(A.shape) if isinstance(A, torch.Tensor) else type(A).__name__}")
-    rank = A.shape[0]
-    _check_matrix("A", A, (rank, in_f), device)
-    _check_matrix("B", B, (out_f, rank), device)
-    _check_vector("w0_sq", w0_sq, out_f, device)
-    _check_vector("row_scale", row_scale, out_f, device)
-    if not (eps >= 0):
-        raise ValueError(f"eps must be >= 0, got {eps}")
-
-    a32 = A.float()
-    gram = (a32 @ a32.T).contiguous()  # (r, r): tiny next to the weight
-    out = torch.empty(out_f, dtype=torch.float32, device=device)
     block_r = max(16, triton.next_power_of_2(rank))
-    block_m = _row_block(out_f, 64 if block_r <= 64 else 32)
-    half_k = min(weight.blocksize, 128 if block_r <= 64 else 64) // 2
-    absmax2, code2, offset = _nested_args(weight)
-    _dora_norm_kernel[(triton.cdiv(out_f, block_m),)](
-        weight.packed, weight.absmax, absmax2, code2, offset, nf4_code_table(device),
-        row_scale, w0_sq, A, B, gram, out,
-        out_f, in_f, weight.in_pad, weight.absmax.shape[1], rank, float(scale), float(eps),
-        BLOCKSIZE=weight.blocksize, DOUBLE_QUANT=weight.double_quant, BLOCK_M=block_m,
-        HALF_K=half_k, BLOCK_R=block_r, BLOCK_RC=min(block_r, 64),
-        PRECISION=_dot_precision(device, interpreted),
-        num_warps=4, num_stages=3 if block_r <= 64 else 2, enable_fp_fusion=True)
+    block_m = 64 if block_r <= 64 else (32 if block_r <= 128 else 16)
+    block_k = min(blocksize, 64)
+    steps = triton.cdiv(in_features, block_k)
+    split = max(1, min(steps, (2 * num_sms) // triton.cdiv(out_features, block_m)))
+    steps_per_split = triton.cdiv(steps, split)
+    return dict(BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_R=block_r, split=triton.cdiv(steps, steps_per_split),
+                steps_per_split=steps_per_split, num_warps=4 if block_r <= 32 else 8)
+
+
+@functools.cache
+def _nf4_code_split(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The NF4 codes as bf16 hi + lo parts (hi + lo is within 2^-17 of each float32 code)."""
+    code = nf4_code(device)
+    hi = code.to(torch.bfloat16)
+    return hi, (code - hi.float()).to(torch.bfloat16)
+
+
+def _nested(weight: NF4Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    # Without double quantization the kernels never read absmax2/code2; any pointer will do.
+    return (weight.absmax2, weight.code2) if weight.double_quant else (weight.absmax, weight.absmax)
+
+
+def nf4_row_sq_norms(weight: NF4Weight, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """||W0_i / row_scale_i||^2 per row (row_scale defaults to 1) as float32 (out,), in one pass over
+    the packed weight. Used once per layer, for the constant term of the DoRA norm."""
+    require_triton("nf4_row_sq_norms")
+    check_nf4(weight, "nf4_row_sq_norms")
+    device = weight.packed.device
+    if row_scale is not None:
+        check_vector(row_scale, "row_scale", weight.out_features, device, "nf4_row_sq_norms")
+    out = torch.empty(weight.out_features, dtype=torch.float32, device=device)
+    nblocks = weight.in_pad // weight.blocksize
+    half = weight.blocksize // 2
+    block_b = min(triton.next_power_of_2(nblocks), max(1, 256 // half))
+    block_m = max(1, 2048 // (block_b * half))
+    _row_sq_norms_kernel[(triton.cdiv(weight.out_features, block_m),)](
+        weight.packed, weight.absmax, *_nested(weight), weight.offset, nf4_code(device),
+        out if row_scale is None else row_scale, out, weight.out_features, weight.in_features, nblocks,
+        DOUBLE_QUANT=weight.double_quant, HAS_ROW_SCALE=row_scale is not None, HALF=half,
+        BLOCK_M=block_m, BLOCK_B=block_b, num_warps=4, enable_fp_fusion=True)
     return out
 
 
-def nf4_row_sq_norms_reference(weight: NF4Weight, row_scale: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch `nf4_row_sq_norms` (dense float32 weight)."""
-    w = nf4_dequantize_reference(weight, torch.float32) / row_scale[:, None]
-    return w.square().sum(1)
+def nf4_row_sq_norms_reference(weight: NF4Weight, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`nf4_row_sq_norms` in float64 PyTorch from the dequantized weight, returned as float32."""
+    w = nf4_dequantize_reference(weight, torch.float32).double()
+    if row_scale is not None:
+        w = w / row_scale.double()[:, None]
+    return w.square().sum(1).float()
+
+
+def _check_factors(weight: NF4Weight, w0_sq: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                   row_scale: torch.Tensor | None, who: str) -> None:
+    device = weight.packed.device
+    check_vector(w0_sq, "w0_sq", weight.out_features, device, who)
+    if row_scale is not None:
+        check_vector(row_scale, "row_scale", weight.out_features, device, who)
+    for name, t in (("A", A), ("B", B)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.dtype not in FLOAT_DTYPES:
+            got = f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{who}: {name} must be a 2-D tensor of dtype {FLOAT_DTYPES}, got {got}")
+        if t.device != device:
+            raise ValueError(f"{who}: {name} is on {t.device} but the weight is on {device}")
+    rank = A.shape[0]
+    if rank == 0 or A.shape[1] != weight.in_features:
+        raise ValueError(f"{who}: A must be (rank >= 1, in_features={weight.in_features}), got {tuple(A.shape)}")
+    if tuple(B.shape) != (weight.out_features, rank):
+        raise ValueError(f"{who}: B must be (out_features={weight.out_features}, rank={rank}), "
+                         f"got {tuple(B.shape)}")
+
+
+def dora_row_norm(weight: NF4Weight, w0_sq: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                  eps: float, row_scale: torch.Tensor | None = None, *, split: int | None = None) -> torch.Tensor:
+    """DoRA row norm ||W0 + scale * B @ A||_row as float32 (out,), in one pass over the packed W0.
+
+    norm = c * sqrt(max(w0_sq + 2 s (B/c).(W0 A^T / c) + s^2 ||(B A) / c||^2, eps)) with c = row_scale
+    (1 when None) and w0_sq = ||W0 / c||^2 per row (`nf4_row_sq_norms`), as `DoRALinear` computes it.
+    A is (r, in_features) and B (out_features, r), any float dtype and strides; the arithmetic is
+    float32. `split` overrides how many programs share a row block's in dimension (for tests).
+    """
+    who = "dora_row_norm"
+    require_triton(who)
+    check_nf4(weight, who)
+    _check_factors(weight, w0_sq, A, B, row_scale, who)
+    device = weight.packed.device
+    rank = A.shape[0]
+    cfg = norm_launch_config(weight.out_features, weight.in_features, weight.blocksize, rank, _num_sms(device))
+    if split is not None:
+        steps = triton.cdiv(weight.in_features, cfg["BLOCK_K"])
+        cfg["steps_per_split"] = triton.cdiv(steps, max(1, min(split, steps)))
+        cfg["split"] = triton.cdiv(steps, cfg["steps_per_split"])
+    n_split = cfg.pop("split")
+    final = n_split == 1
+    out = torch.empty((weight.out_features,) if final else (n_split, 2, weight.out_features),
+                      dtype=torch.float32, device=device)
+    _dora_norm_kernel[(triton.cdiv(weight.out_features, cfg["BLOCK_M"]), n_split)](
+        weight.packed, weight.absmax, *_nested(weight), weight.offset, *_nf4_code_split(device),
+        A, B, w0_sq, w0_sq if row_scale is None else row_scale, out,
+        weight.out_features, weight.in_features, rank, weight.blocksize, weight.in_pad // weight.blocksize,
+        cfg.pop("steps_per_split"), A.stride(0), A.stride(1), B.stride(0), B.stride(1), float(scale), float(eps),
+        DOUBLE_QUANT=weight.double_quant, HAS_ROW_SCALE=row_scale is not None, FINAL=final,
+        SPLIT_A=A.dtype != torch.bfloat16, SPLIT_B=B.dtype != torch.bfloat16, INTERPRET=interpreting(),
+        enable_fp_fusion=True, **cfg)
+    if final:
+        return out
+    cross, quad = out.sum(0)
+    norm = (w0_sq + 2.0 * scale * cross + scale * scale * quad).clamp_min(eps).sqrt()
+    return norm if row_scale is None else norm * row_scale
 
 
 def dora_row_norm_reference(weight: NF4Weight, w0_sq: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                            scale: float, eps: float, row_scale: torch.Tensor) -> torch.Tensor:
-    """Plain-PyTorch `dora_row_norm`: the same factored formula on a dense float32 W0."""
-    A, B = A.float(), B.float()
-    c = row_scale[:, None]
-    wa = nf4_dequantize_reference(weight, torch.float32) @ A.T
-    Bc = B / c
-    n2 = w0_sq + 2 * scale * (Bc * (wa / c)).sum(1) + scale ** 2 * ((Bc @ (A @ A.T)) * Bc).sum(1)
-    return n2.clamp_min(eps).sqrt() * row_scale
+                            scale: float, eps: float, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """`dora_row_norm` in float64 PyTorch from the dequantized weight, with the formula as written:
+    c * sqrt(max(w0_sq + 2 s (B/c).(W0 A^T / c) + s^2 ((B/c) (A A^T)) . (B/c), eps)), as float32."""
+    _check_factors(weight, w0_sq, A, B, row_scale, "dora_row_norm_reference")
+    w = nf4_dequantize_reference(weight, torch.float32).double()
+    a, b = A.double(), B.double()
+    c = torch.ones(weight.out_features, dtype=torch.float64, device=w.device) if row_scale is None \
+        else row_scale.double()
+    bc = b / c[:, None]
+    n2 = w0_sq.double() + 2 * scale * (bc * (w @ a.T / c[:, None])).sum(1) \
+        + scale ** 2 * ((bc @ (a @ a.T)) * bc).sum(1)
+    return (n2.clamp_min(eps).sqrt() * c).float()

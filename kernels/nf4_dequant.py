@@ -10,7 +10,7 @@ in the same order, with floating-point contraction (FMA) disabled so that the do
 `code2[q] * absmax2 + offset` is rounded twice, as bitsandbytes rounds it.
 
 Also here: the pieces shared with `dora_norm` (the NF4 code table, the storage checks, the
-Triton block-scale helper and a bf16 split dot) and a plain PyTorch reference.
+Triton block-scale helper) and a plain PyTorch reference.
 """
 
 from __future__ import annotations
@@ -138,29 +138,6 @@ if triton is not None:
             return s + tl.load(offset_ptr)
         else:
             return tl.load(absmax_ptr + flat, mask=mask, other=0.0)
-
-    @triton.jit
-    def bf16_dot(a, b, INTERPRET: tl.constexpr):
-        """a @ b for bf16 tiles with float32 accumulation. The interpreter's bf16 dot is wrong, so
-        there the (exactly representable) bf16 values are multiplied as float32."""
-        if INTERPRET:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        else:
-            return tl.dot(a, b, out_dtype=tl.float32)
-
-    @triton.jit
-    def split_dot(a, b, SPLIT_A: tl.constexpr, SPLIT_B: tl.constexpr, INTERPRET: tl.constexpr):
-        """a @ b for float32 tiles at close to float32 accuracy on bf16 tensor cores: an operand
-        that is not exactly bf16 (SPLIT_*) is split into hi + lo bf16 parts and the lo * lo term
-        is dropped, leaving a relative error near 2^-16 per product instead of TF32's 2^-11."""
-        a_hi = a.to(tl.bfloat16)
-        b_hi = b.to(tl.bfloat16)
-        acc = bf16_dot(a_hi, b_hi, INTERPRET)
-        if SPLIT_A:
-            acc += bf16_dot((a - a_hi.to(tl.float32)).to(tl.bfloat16), b_hi, INTERPRET)
-        if SPLIT_B:
-            acc += bf16_dot(a_hi, (b - b_hi.to(tl.float32)).to(tl.bfloat16), INTERPRET)
-        return acc
 
     @triton.jit
     def _nf4_dequant_kernel(packed_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr,
