@@ -224,12 +224,12 @@ def batches(examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id
             epoch: int = 0, bucket: bool = True) -> Iterator[dict[str, torch.Tensor]]:
     """One epoch of padded batches covering every example exactly once (the last batch may be short).
 
-    Shuffled with seed + epoch; with `bucket`, examples are sorted by length within chunks of 50
+    Shuffled by (seed, epoch); with `bucket`, examples are sorted by length within chunks of 50
     batches (less padding) and the batch order is shuffled again. Deterministic for (seed, epoch).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    rng = random.Random(seed + epoch)
+    rng = random.Random(f"{seed}:{epoch}")  # not seed + epoch: (0, 1) and (1, 0) must differ
     order = list(range(len(examples)))
     rng.shuffle(order)
     if bucket:

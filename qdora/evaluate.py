@@ -193,7 +193,7 @@ class EvalConfig:
     eval_rows: int | None = None
     preset: str | None = None
     nf4: bool = False
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     batch_size: int = 20
     out: str | None = None
     device: str = "auto"

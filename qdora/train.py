@@ -69,7 +69,7 @@ class TrainConfig:
     eval_rows: int = 40
     eval_every: int = 0
     eval_batch_size: int = 20
-    max_new_tokens: int = 48
+    max_new_tokens: int = 64
     merge_for_eval: bool = True
     preset: str | None = None
     seed: int = 0

@@ -1,3 +1,9 @@
+import os
+
+# Triton kernels run in the interpreter unless asked otherwise (TRITON_INTERPRET=0 on a GPU). It must
+# be set before anything imports triton, and bitsandbytes and transformers do, so here, first.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from pathlib import Path
 
 import pytest

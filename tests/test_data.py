@@ -29,15 +29,6 @@ def _datasets_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny matmuls are ~40x slower with 2 intra-op threads on the 2-core CI box; use 1, then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def tok():
     from qdora.model import load_tokenizer
 
@@ -339,7 +330,7 @@ def test_encode_rows_skips_and_counts_long_rows(tok):
 
 
 @pytest.fixture(scope="module")
-def model(one_thread):
+def model():
     from qdora.model import load_model
 
     return load_model(str(need(STORIES)), dtype=torch.float32).eval()

@@ -135,16 +135,7 @@ def test_fraction_matches_its_exact_decimal(p, q):
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Tiny matmuls are ~40x slower with 2 intra-op threads on the 2-core CI box; use 1, then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def stories(one_thread):
+def stories():
     from qdora.model import load_model, load_tokenizer
 
     need(STORIES)
