@@ -7,6 +7,8 @@ and writes its output once.
   fused  `dora_row_norm`. "B/param" counts each tensor once (the HBM minimum); "issued" counts loads as
          the kernel issues them under `norm_launch_config`: A once per BLOCK_M-row block, B and
          row_scale once per split of the in dimension, absmax2 and code2 once per (row, K step).
+         With a split in dimension, the (split, out) partials are written and read back by the
+         finishing kernel.
   torch  `DoRALinear._norm_torch`: bitsandbytes dequantizes W0 to fp32 in row chunks (written, then
          re-read by chunk @ A^T), then the O(out x r) factored-norm epilogue.
   peft   PEFT's DoRA: bnb dequantize to bf16, B A as lora_B(lora_A(eye(in))), s BA and W0 + s BA
@@ -71,11 +73,10 @@ def fused_norm(out: int, inp: int, r: int, fdt: torch.dtype, bs: int, sms: int) 
         t.add(f"A, x{row_blocks} row blocks", (1 if o else row_blocks) * r * inp * fdt.itemsize)
         t.add(f"B, x{split} splits", (1 if o else split) * out * r * fdt.itemsize)
         t.add(f"row_scale, x{split} splits", (1 if o else split) * out * F32)
-        if split == 1:
-            t.add("w0_sq; norm (output)", out * F32, out * F32)
-        else:  # (split, 2, out) partial sums, reduced and finished by PyTorch ops
-            t.add(f"partials ({split} splits), .sum(0)", split * 2 * out * F32, (split + 1) * 2 * out * F32)
-            t.add("epilogue: 7 elementwise ops on (out,)", 10 * out * F32, 7 * out * F32)
+        t.add("w0_sq; norm (output)", out * F32, out * F32)
+        if split > 1:  # (split, out) partials, added to w0_sq by the finishing kernel (which rereads row_scale)
+            t.add(f"partials ({split} splits), finishing kernel", split * out * F32 + (0 if o else out * F32),
+                  split * out * F32)
     return once, issued
 
 

@@ -18,8 +18,9 @@ columns of A and the low-nibble tile the odd ones, so nothing is interleaved in 
 
 With `row_scale` = c (one positive value per row) everything is computed for W0 / c and B / c and
 the norm multiplied back by c, as `DoRALinear` does, so no finite weight overflows float32 squares.
-When the rows alone give too few programs for the GPU, the in dimension is split across programs
-and the per-split partial sums are added in PyTorch (deterministically).
+When the rows alone give too few programs for the GPU, the in dimension is split across programs:
+each writes its share 2 s cross + s^2 quad of every row (one float), and a small second kernel adds
+them to w0_sq in a fixed order (deterministic, unlike atomics) and takes the root.
 """
 
 from __future__ import annotations
@@ -57,13 +58,17 @@ if triton is not None:
 
     @triton.jit
     def _split_dot(a_hi, a_lo, b_hi, b_lo, A_LO: tl.constexpr, B_LO: tl.constexpr, INTERPRET: tl.constexpr):
-        """(a_hi + a_lo) @ (b_hi + b_lo) on bf16 tensor cores without the lo @ lo term: close to
-        float32 accuracy (about 2^-16 relative per product) where TF32 would give 2^-11."""
+        """(a_hi + a_lo) @ (b_hi + b_lo) on bf16 tensor cores with float32 accumulation, with lo
+        terms only for the operands that were split. Products are exact for bf16 and fp16 values
+        (which split exactly into two bf16s); a float32 value keeps ~2^-17 of relative error in its
+        split (TF32 would give 2^-11)."""
         acc = _bf16_dot(a_hi, b_hi, INTERPRET)
         if A_LO:
             acc += _bf16_dot(a_lo, b_hi, INTERPRET)
         if B_LO:
             acc += _bf16_dot(a_hi, b_lo, INTERPRET)
+        if A_LO and B_LO:
+            acc += _bf16_dot(a_lo, b_lo, INTERPRET)
         return acc
 
     @triton.jit
@@ -147,13 +152,25 @@ if triton is not None:
 
         cross = tl.sum(b * inv_c[:, None] * wa, axis=1)
         quad = tl.sum(ba_sq, axis=1)
+        update = 2.0 * scale * cross + scale * scale * quad
         if FINAL:
-            n2 = tl.load(w0_sq_ptr + rows, mask=row_mask, other=0.0) + 2.0 * scale * cross + scale * scale * quad
+            n2 = tl.load(w0_sq_ptr + rows, mask=row_mask, other=0.0) + update
             tl.store(out_ptr + rows, tl.sqrt_rn(tl.maximum(n2, eps)) * c, mask=row_mask)
         else:
-            base = out_ptr + pid_k * 2 * n_rows  # partial sums laid out as (split, 2, out)
-            tl.store(base + rows, cross, mask=row_mask)
-            tl.store(base + n_rows + rows, quad, mask=row_mask)
+            tl.store(out_ptr + pid_k * n_rows + rows, update, mask=row_mask)  # partials are (split, out)
+
+    @triton.jit
+    def _dora_norm_finish_kernel(part_ptr, w0_sq_ptr, row_scale_ptr, out_ptr, n_rows, n_split, eps,
+                                 HAS_ROW_SCALE: tl.constexpr, BLOCK: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = rows < n_rows
+        n2 = tl.load(w0_sq_ptr + rows, mask=mask, other=0.0)
+        for k in range(n_split):
+            n2 += tl.load(part_ptr + k * n_rows + rows, mask=mask, other=0.0)
+        norm = tl.sqrt_rn(tl.maximum(n2, eps))
+        if HAS_ROW_SCALE:
+            norm = norm * tl.load(row_scale_ptr + rows, mask=mask, other=1.0)
+        tl.store(out_ptr + rows, norm, mask=mask)
 
 
 @functools.cache
@@ -169,7 +186,7 @@ def norm_launch_config(out_features: int, in_features: int, blocksize: int, rank
 
     One K step is at most one quantization block (so one scale per row applies) and at least 32
     columns (16 bytes: the smallest tl.dot K). The in dimension is split until there are about two
-    programs per SM; with one SM (the interpreter) it is never split.
+    programs per SM (the interpreter counts as one SM, so a single row block is split in two there).
     """
     block_r = max(16, triton.next_power_of_2(rank))
     block_m = 64 if block_r <= 64 else (32 if block_r <= 128 else 16)
@@ -265,7 +282,7 @@ def dora_row_norm(weight: NF4Weight, w0_sq: torch.Tensor, A: torch.Tensor, B: to
         cfg["split"] = triton.cdiv(steps, cfg["steps_per_split"])
     n_split = cfg.pop("split")
     final = n_split == 1
-    out = torch.empty((weight.out_features,) if final else (n_split, 2, weight.out_features),
+    out = torch.empty((weight.out_features,) if final else (n_split, weight.out_features),
                       dtype=torch.float32, device=device)
     _dora_norm_kernel[(triton.cdiv(weight.out_features, cfg["BLOCK_M"]), n_split)](
         weight.packed, weight.absmax, *_nested(weight), weight.offset, *_nf4_code_split(device),
@@ -277,9 +294,11 @@ def dora_row_norm(weight: NF4Weight, w0_sq: torch.Tensor, A: torch.Tensor, B: to
         enable_fp_fusion=True, **cfg)
     if final:
         return out
-    cross, quad = out.sum(0)
-    norm = (w0_sq + 2.0 * scale * cross + scale * scale * quad).clamp_min(eps).sqrt()
-    return norm if row_scale is None else norm * row_scale
+    norm = torch.empty(weight.out_features, dtype=torch.float32, device=device)
+    _dora_norm_finish_kernel[(triton.cdiv(weight.out_features, 1024),)](
+        out, w0_sq, w0_sq if row_scale is None else row_scale, norm, weight.out_features, n_split, float(eps),
+        HAS_ROW_SCALE=row_scale is not None, BLOCK=1024, num_warps=4, enable_fp_fusion=False)
+    return norm
 
 
 def dora_row_norm_reference(weight: NF4Weight, w0_sq: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

@@ -44,11 +44,12 @@ DEQUANT_TOL = {
     torch.bfloat16: dict(rtol=2.0 ** -7, atol=0.0),
     torch.float16: dict(rtol=2.0 ** -10, atol=2.0 ** -24),
 }
-# Row norms against float64, by the dtype of A and B. bf16 and fp16 factors split exactly into bf16
-# hi + lo parts; float32 factors keep a 2^-16 relative error per element in that split (the
-# interpreter truncates: on CUDA it rounds and is about 4x tighter).
+# Row norms against float64, by the dtype of A and B. bf16 and fp16 values split exactly into bf16
+# hi + lo parts, leaving the NF4 codes' own split (2^-17); float32 factors keep about 2^-16 per
+# element in theirs (the interpreter truncates the split; CUDA rounds it, about half the error).
+# Worst seen over 12 seeds x all shapes and ranks here: 3.1e-5, 6.9e-7, 8.2e-7.
 NORM_TOL = {
-    torch.float32: dict(rtol=6e-5, atol=0.0),
+    torch.float32: dict(rtol=1e-4, atol=0.0),
     torch.bfloat16: dict(rtol=3e-6, atol=0.0),
     torch.float16: dict(rtol=3e-6, atol=0.0),
 }
@@ -63,7 +64,7 @@ def quantized(shape, blocksize=64, double_quant=True, spread=True) -> NF4Weight:
     return NF4Weight.quantize(w, blocksize, double_quant).to(DEVICE)
 
 
-def factors(weight: NF4Weight, rank: int, dtype=torch.bfloat16, update=0.3):
+def factors(weight: NF4Weight, rank: int, dtype=torch.bfloat16, update=1.0):
     """LoRA factors whose update s*B@A is about `update` times W0 row by row, and s."""
     scale = 2.0
     A = torch.randn(rank, weight.in_features) / math.sqrt(weight.in_features)
@@ -136,9 +137,9 @@ def test_dora_row_norm(shape, rank, double_quant):
     torch.testing.assert_close(norm, dora_row_norm_reference(q, w0_sq, A, B, s, 1e-12, c), **NORM_TOL[A.dtype])
     # The expansion against the norm of the dense V = W0 + s B A, all in float64.
     v = q.dequantize(torch.float32).double() + s * B.double() @ A.double()
-    torch.testing.assert_close(norm.double(), v.norm(dim=1), rtol=1e-5, atol=0)
-    # Not trivially ||W0||: the update moves the norms far beyond the tolerance.
-    assert ((norm - w0_sq.sqrt() * c).abs() / norm).mean() > 1e-2
+    torch.testing.assert_close(norm.double(), v.norm(dim=1), **NORM_TOL[A.dtype])
+    # Not trivially ||W0||: the update (as large as W0) moves the norms far beyond the tolerance.
+    assert ((norm - w0_sq.sqrt() * c).abs() / norm).mean() > 0.05
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -181,15 +182,20 @@ def test_dora_row_norm_strided_factors():
                                dora_row_norm_reference(q, w0_sq, A, B, s, 1e-12), **NORM_TOL[A.dtype])
 
 
-def test_dora_row_norm_zero_update_is_exact():
-    """B = 0 (DoRA's init): the norm is sqrt(w0_sq) * c bit for bit, as the layer's PyTorch path
-    computes the initial magnitude, so g = m / norm is exactly 1."""
+@pytest.mark.parametrize("split", [1, 2])
+def test_dora_row_norm_zero_update_is_exact(split):
+    """B = 0 (DoRA's init): the norm is the IEEE sqrt(w0_sq) times c bit for bit. On CUDA, where
+    torch's sqrt is correctly rounded too, that is how the layer's PyTorch path computes the initial
+    magnitude, so g = m / norm is exactly 1. (Vectorized CPU torch.sqrt is sometimes one ulp off,
+    hence the float64 square root as the reference here.)"""
     q = quantized((33, 130), 64, True)
     c = q.row_scale()
     w0_sq = nf4_row_sq_norms(q, c)
     A, B, s = factors(q, 8)
-    norm = dora_row_norm(q, w0_sq, A, torch.zeros_like(B), s, 1e-12, c)
-    assert torch.equal(norm, w0_sq.clamp_min(1e-12).sqrt() * c)
+    norm = dora_row_norm(q, w0_sq, A, torch.zeros_like(B), s, 1e-12, c, split=split)
+    assert torch.equal(norm, w0_sq.double().clamp_min(1e-12).sqrt().float() * c)
+    if DEVICE == "cuda":
+        assert torch.equal(norm, w0_sq.clamp_min(1e-12).sqrt() * c)
 
 
 def test_dora_row_norm_zero_weight():
