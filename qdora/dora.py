@@ -280,20 +280,21 @@ class _DoRAFunction(torch.autograd.Function):
         x, x_drop, A, B, m, norm, bias, ax, out, g = ctx.saved_tensors
         scale, weight, dtype = ctx.scale, ctx.weight, grad.dtype
         lead = grad.shape[:-1]
-        go = grad.reshape(-1, grad.shape[-1]).float()
-        y = out.reshape(-1, out.shape[-1]).float()
+        grad2, out2 = grad.reshape(-1, grad.shape[-1]), out.reshape(-1, out.shape[-1])
         if bias is not None:
-            y = y - bias.float()
-        y = y / torch.where(g == 0, 1.0, g)
+            out2 = out2 - bias
+        # dL/dm = sum_t grad * y / norm with y = out / g: the product in the compute dtype (one pass),
+        # the sum over tokens accumulated in fp32.
+        grad_g = torch.sum(grad2 * out2, 0, dtype=torch.float32) / torch.where(g == 0, 1.0, g)
         bad = (g.abs() < _DoRAFunction.G_RECOMPUTE).nonzero().squeeze(1)
         if bad.numel():
-            y[:, bad] = _recompute_rows(x, ax, B, weight, bad, scale)
-        grad_m = ((go * y).sum(0) / norm).to(m.dtype)
+            grad_g[bad] = (grad2[:, bad].float() * _recompute_rows(x, ax, B, weight, bad, scale)).sum(0)
+        grad_m = (grad_g / norm).to(m.dtype)
         grad_x = grad_A = grad_B = grad_xd = None
         if ctx.needs_input_grad[0]:
-            grad_x = ((go * g).to(dtype) @ weight.dequantize(dtype)).view(*lead, -1)
+            grad_x = ((grad2 * g.to(dtype)) @ weight.dequantize(dtype)).view(*lead, -1)
         if A is not None:
-            gl = (go * (g * scale)).to(dtype)
+            gl = grad2 * (g * scale).to(dtype)
             axf = ax.reshape(-1, ax.shape[-1])
             grad_B = (gl.T @ axf).to(B.dtype)
             grad_ax = gl @ B.to(dtype)

@@ -58,7 +58,7 @@ class TrainConfig:
     model: str = DEFAULT_MODEL
     data: str = "builtin"
     out_dir: str = "runs/qdora"
-    steps: int = 60
+    steps: int = 40
     batch_size: int = 8
     grad_accum: int = 1
     lr: float | None = None
