@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # QDoRA vs QLoRA vs full FT (and FT then NF4) on the same budget, with the table and plot kept here.
-#   bash benchmarks/orca_compare/run.sh            # both comparisons below (about 40 minutes on 2 CPU cores)
+#   bash benchmarks/orca_compare/run.sh            # both comparisons below (about 15 minutes on 2 CPU cores)
 # 1. the embedded default: SmolLM2-135M-Instruct on generated math word problems;
 # 2. the real stories260K Llama on GSM8K (../shared/data, beside the checkout).
 # On a GPU, for the real thing (Answer.AI's Orca-Math protocol):
