@@ -81,6 +81,10 @@ class LoRALinear(nn.Module):
         else:
             self.lora_A = self.lora_B = None
 
+    def _lora(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """dropout(x) A^T B^T in `dtype` (without the scale s)."""
+        return (self.dropout(x) @ self.lora_A.to(dtype).T) @ self.lora_B.to(dtype).T
+
     def _bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         return None if self.bias is None else self.bias.to(dtype)
 
@@ -90,7 +94,7 @@ class LoRALinear(nn.Module):
             x = x.to(dtype)
             out = nf4_linear(x, self.weight)
             if self.rank:
-                out = out + self.scale * (self.dropout(x) @ self.lora_A.to(dtype).T) @ self.lora_B.to(dtype).T
+                out = out + self.scale * self._lora(x, dtype)
             if self.bias is not None:
                 out = out + self._bias(dtype)
         return out
@@ -169,15 +173,21 @@ class DoRALinear(LoRALinear):
         A, B = self.lora_A, self.lora_B
         return (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), self.w0_sq.data_ptr())
 
+    def _cached_norm(self) -> torch.Tensor | None:
+        """The detached norm if A and B are unchanged since it was computed, else None."""
+        if self._norm_cache is None or self._norm_cache[0] != self._cache_key():
+            return None
+        return self._norm_cache[1]
+
     def _norm_detached(self, dense: torch.Tensor | None = None) -> torch.Tensor:
         """||V||_row in fp32, no graph; recomputed only after an optimizer step or an in-place edit.
         `dense`, when given, is W0 already dequantized for this forward: reused instead of a second
         dequantization."""
         if not self.rank:
             return self._norm_from_wa(None, None, None)
-        key = self._cache_key()
-        if self._norm_cache is not None and self._norm_cache[0] == key:
-            return self._norm_cache[1]
+        norm = self._cached_norm()
+        if norm is not None:
+            return norm
         A, B = self.lora_A, self.lora_B
         with torch.no_grad():
             if _use_triton(A.device):
@@ -185,20 +195,12 @@ class DoRALinear(LoRALinear):
                 norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
             else:
                 norm = self._norm_torch(A.float(), B.float(), dense)
-        self._norm_cache = (key, norm)
+        self._norm_cache = (self._cache_key(), norm)
         return norm
 
-    def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, dense: torch.Tensor | None = None,
-                    chunk_elems: int = 1 << 24) -> torch.Tensor:
+    def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
         """Factored row norm in fp32, W0 @ A^T taken over row chunks (never an out x in fp32 copy)."""
-        w = self.weight
-        step = max(1, chunk_elems // w.in_pad)
-        if dense is None:
-            scales = w.scales()
-            chunks = (w.dequantize(torch.float32, slice(i, i + step), scales) for i in range(0, w.out_features, step))
-        else:
-            chunks = (dense[i:i + step].float() for i in range(0, w.out_features, step))
-        return self._norm_from_wa(torch.cat([c @ A.T for c in chunks]), A, B)
+        return self._norm_from_wa(torch.cat([w @ A.T for _, w in self.weight.row_chunks(dense)]), A, B)
 
     def _norm_from_wa(self, wa: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor:
         """c * sqrt(max(||W0/c||^2 + 2s (B/c).(W0 A^T / c) + s^2 (B/c)(A A^T)(B/c)^T, eps)), c = row_scale."""
@@ -207,6 +209,10 @@ class DoRALinear(LoRALinear):
             c = self.row_scale[:, None]
             Bc = B / c
             n2 = n2 + 2 * self.scale * (Bc * (wa / c)).sum(1) + self.scale ** 2 * ((Bc @ (A @ A.T)) * Bc).sum(1)
+        return self._unscale(n2)
+
+    def _unscale(self, n2: torch.Tensor) -> torch.Tensor:
+        """Row norms from squared norms of rows divided by row_scale: clamp, root, scale back."""
         return n2.clamp_min(NORM_EPS).sqrt() * self.row_scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -217,8 +223,8 @@ class DoRALinear(LoRALinear):
                 return self._forward_exact(x, dtype)
             x_drop = self.dropout(x) if self.rank else x
             dense = None
-            stale = self.rank and (self._norm_cache is None or self._norm_cache[0] != self._cache_key())
-            if stale and not _use_triton(x.device):  # dequantize once for both the norm and the output
+            if self.rank and self._cached_norm() is None and not _use_triton(x.device):
+                # dequantize once for both the norm and the output
                 dense = self.weight.dequantize(dtype)
             return _DoRAFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude,
                                        self._norm_detached(dense), self._bias(dtype), self.weight, self.scale,
@@ -229,7 +235,7 @@ class DoRALinear(LoRALinear):
         # W0 @ A^T through nf4_linear, so backward re-dequantizes W0 instead of keeping it alive.
         g = self.magnitude.float() / self._norm_from_wa(nf4_linear(A, self.weight).T, A, B)
         base = nf4_linear(x, self.weight)
-        lora = (self.dropout(x) @ self.lora_A.to(dtype).T) @ self.lora_B.to(dtype).T
+        lora = self._lora(x, dtype)
         out = base + ((g - 1) * base.float() + (g * self.scale) * lora.float()).to(dtype)
         return out if self.bias is None else out + self._bias(dtype)
 
@@ -237,8 +243,7 @@ class DoRALinear(LoRALinear):
     def merged_weight(self) -> torch.Tensor:
         """The dense weight this layer applies, m * V / ||V||_row, in float32."""
         v = super().merged_weight()
-        c = self.row_scale[:, None]
-        norm = (v / c).square().sum(1).clamp_min(NORM_EPS).sqrt() * self.row_scale
+        norm = self._unscale((v / self.row_scale[:, None]).square().sum(1))
         return v * (self.magnitude.float() / norm)[:, None]
 
     def extra_repr(self) -> str:

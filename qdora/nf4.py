@@ -128,16 +128,22 @@ class NF4Weight(nn.Module):
         c = self.scales().abs().amax(1)
         return torch.where((c > 0) & torch.isfinite(c), c, torch.ones_like(c))
 
-    def row_sq_norms(self, row_scale: torch.Tensor | None = None, chunk_elems: int = 1 << 24) -> torch.Tensor:
-        """||W0 / row_scale||^2 per row in float32 (row_scale defaults to 1), dequantizing a bounded
-        number of rows at a time."""
-        scales = self.scales()
+    def row_chunks(self, dense: torch.Tensor | None = None, chunk_elems: int = 1 << 24):
+        """(first row, float32 rows) over the weight, a bounded number of rows at a time, so no
+        float32 copy of the whole (out x in) matrix ever exists. Rows come from `dense` (an already
+        dequantized W0 in any float dtype) when given, else are dequantized here."""
         step = max(1, chunk_elems // self.in_pad)
-        out = []
+        scales = self.scales() if dense is None else None
         for i in range(0, self.out_features, step):
-            w = self.dequantize(torch.float32, slice(i, i + step), scales)
+            rows = slice(i, i + step)
+            yield i, (self.dequantize(torch.float32, rows, scales) if dense is None else dense[rows].float())
+
+    def row_sq_norms(self, row_scale: torch.Tensor | None = None, chunk_elems: int = 1 << 24) -> torch.Tensor:
+        """||W0 / row_scale||^2 per row in float32 (row_scale defaults to 1)."""
+        out = []
+        for i, w in self.row_chunks(chunk_elems=chunk_elems):
             if row_scale is not None:
-                w = w / row_scale[i : i + step, None]
+                w = w / row_scale[i : i + w.shape[0], None]
             out.append(w.square().sum(1))
         return torch.cat(out)
 
