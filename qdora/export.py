@@ -1,0 +1,439 @@
+"""Ship a trained run: a dequantized merged Hugging Face checkpoint, or the adapter in PEFT's format.
+
+Merged export streams the base checkpoint tensor by tensor (when the base is a local folder of
+*.safetensors): each adapted weight is rebuilt exactly as training saw it (base tensor -> float32
+-> compute dtype -> NF4Weight.quantize, as load_model + prepare_model do, then dequantized), merged
+in float32 by the same DoRALinear / LoRALinear code the model runs (merged_weight), and cast once
+to the export dtype; it is never re-quantized. Shards are written as they fill, so peak host memory
+is about one shard plus one layer's float32 working set. Other bases (the default GGUF model, hub
+ids) are loaded whole with load_model and their state dict is iterated: not streaming.
+Everything is written to a temporary folder next to out_dir and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .checkpoint import CONFIG, TENSORS, find_adapter
+from .dora import DoRALinear, LoRALinear
+from .model import DTYPES, AdapterConfig, load_model, resolve_model
+from .nf4 import NF4Weight
+
+FORMATS = ("merged", "peft", "qdora")
+AGAINST = ("nf4", "original")
+PEFT_CONFIG, PEFT_TENSORS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+INDEX = "model.safetensors.index.json"
+_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from 2GB / 500MB / 1GiB / a plain integer (decimal units, as Hugging Face uses)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", str(text), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"max_shard_size {text!r} is not a size; write e.g. 2GB, 500MB or 1GiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export and where.
+
+    Args:
+        run: a `qdora train` output folder (or its adapter/ or checkpoint-N/ folder), or a PEFT
+            LoRA/DoRA adapter folder (adapter_config.json + adapter_model.safetensors).
+        out_dir: folder to write (absent or empty); filled in a temporary folder, renamed when complete.
+        format: merged (dense Hugging Face checkpoint), peft (the adapter in PEFT's format) or
+            qdora (a PEFT adapter converted to a qdora adapter folder, to train on or merge).
+        dtype: dtype of the merged weights: bfloat16, float16 or float32 (merged in float32, cast once).
+        against: nf4 merges onto the dequantized NF4 base the adapter was trained on (the model
+            you evaluated); original merges the same adapter onto the high-precision base weights.
+        base: base model folder or hub id; default: the model recorded in the run.
+        max_shard_size: largest safetensors shard of a merged export, e.g. 2GB, 500MB, 1GiB.
+        trust_remote_code: allow model code from the hub (off unless you trust the model).
+    """
+
+    run: str
+    out_dir: str
+    format: str = "merged"
+    dtype: str = "bfloat16"
+    against: str = "nf4"
+    base: str | None = None
+    max_shard_size: str = "2GB"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"format {self.format!r} is not one of {FORMATS}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {tuple(DTYPES)}")
+        if self.against not in AGAINST:
+            raise ValueError(f"against {self.against!r} is not one of {AGAINST}")
+        parse_size(self.max_shard_size)
+        if not os.path.exists(self.run):
+            raise FileNotFoundError(f"run {self.run!r} does not exist; pass a `qdora train` output folder "
+                                    f"or a PEFT adapter folder")
+
+
+# ----------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    """A trained adapter in qdora's naming: `tensors` maps `module.lora_A|lora_B|magnitude` (or, for
+    ft, every trained parameter) to its tensor; `base` is the model it was trained on."""
+
+    folder: str
+    adapter: AdapterConfig
+    base: str
+    tensors: dict[str, torch.Tensor]
+    step: int = 0
+
+    def modules(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Adapted module name -> {lora_A, lora_B, magnitude} present for it (qdora/qlora only)."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name, t in self.tensors.items():
+            module, _, kind = name.rpartition(".")
+            if kind not in _SUFFIX:
+                raise ValueError(f"adapter tensor {name!r} is not a LoRA/DoRA tensor; is {self.folder!r} a "
+                                 f"{self.adapter.method} run?")
+            out.setdefault(module, {})[kind] = t
+        return out
+
+
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} is missing; the adapter folder is incomplete")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"adapter tensors {path!r} cannot be read ({exc}); the checkpoint is corrupt") from None
+
+
+def read_run(path: str, base: str | None = None) -> Run:
+    """A qdora run folder or a PEFT adapter folder, as a Run (PEFT keys mapped to ours)."""
+    if os.path.isfile(os.path.join(path, PEFT_CONFIG)):
+        return read_peft(path, base)
+    folder = find_adapter(path)
+    with open(os.path.join(folder, CONFIG)) as f:
+        meta = json.load(f)
+    adapter = AdapterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["adapter"].items()})
+    return Run(folder, adapter, base or meta["train"]["model"], _read_tensors(os.path.join(folder, TENSORS)),
+               meta.get("step", 0))
+
+
+def read_peft(path: str, base: str | None = None) -> Run:
+    """Import a PEFT LoRA or DoRA adapter (safetensors only: we never unpickle) into qdora's naming."""
+    with open(os.path.join(path, PEFT_CONFIG)) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{path!r} holds a {cfg.get('peft_type')} adapter; only PEFT LoRA/DoRA can be imported")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{path!r} uses per-module rank_pattern/alpha_pattern, which qdora does not support")
+    rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    if cfg.get("use_rslora"):
+        alpha = alpha * rank ** 0.5  # rsLoRA scales by alpha / sqrt(r) = (alpha sqrt(r)) / r
+    model = base or cfg.get("base_model_name_or_path")
+    if not model:
+        raise ValueError(f"{path!r} names no base_model_name_or_path; pass --base")
+    tensors = {}
+    for key, t in _read_tensors(os.path.join(path, PEFT_TENSORS)).items():
+        name = key.removeprefix(PEFT_PREFIX)
+        for ours, theirs in _SUFFIX.items():
+            if name.endswith("." + theirs) or name.endswith(f".{theirs}.weight"):
+                module = name[: name.rindex("." + theirs.split(".")[0])]
+                tensors[f"{module}.{ours}"] = t.float()
+                break
+        else:
+            raise ValueError(f"PEFT tensor {key!r} is not a LoRA/DoRA factor (embedding adapters, "
+                             f"modules_to_save and biases are not supported)")
+    targets = tuple(sorted({n.rpartition(".")[0] for n in tensors}))
+    adapter = AdapterConfig(method="qdora" if cfg.get("use_dora") else "qlora", rank=rank, alpha=alpha,
+                            dropout=float(cfg.get("lora_dropout") or 0.0), targets=targets)
+    return Run(path, adapter, model, tensors)
+
+
+# ------------------------------------------------------------------------------- base tensors
+
+
+def _safetensors_files(path: str) -> dict[str, str] | None:
+    """key -> file of a local safetensors checkpoint, or None when `path` is not one."""
+    if not os.path.isdir(path):
+        return None
+    if os.path.isfile(os.path.join(path, INDEX)):
+        with open(os.path.join(path, INDEX)) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.isfile(single):
+        return None
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def _stream(files: dict[str, str]):
+    """(key, tensor) one at a time; the file is opened per tensor so no mapping of the whole
+    checkpoint stays resident."""
+    for key in sorted(files, key=lambda k: (files[k], k)):
+        with safe_open(files[key], "pt") as f:
+            t = f.get_tensor(key)
+        yield key, t
+
+
+def base_tensors(base: str, trust_remote_code: bool):
+    """(keys, iterator of (key, tensor), config source) for the base model: streamed from a local
+    safetensors folder, else from the state dict of the whole loaded model (not streaming)."""
+    path, extra = resolve_model(base)
+    files = None if extra else _safetensors_files(path)
+    if files is not None:
+        return list(files), _stream(files), None
+    return base_tensors_loaded(base, trust_remote_code)
+
+
+def base_tensors_loaded(base: str, trust_remote_code: bool):
+    """base_tensors through load_model, whatever the base's format (module names as keys; tied
+    weights once, under their first name, as Hugging Face saves them)."""
+    model = load_model(base, torch.float32, trust_remote_code)
+    seen, state = set(), {}
+    for key, t in model.state_dict().items():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            state[key] = t
+    return list(state), iter(state.items()), model
+
+
+# ----------------------------------------------------------------------------------- merging
+
+
+def as_trained(t: torch.Tensor, adapter: AdapterConfig) -> torch.Tensor:
+    """A base tensor as training held it: load_model reads float32, prepare_model casts to the
+    compute dtype (before NF4 quantization for adapted weights)."""
+    return t.to(torch.float32).to(DTYPES[adapter.compute_dtype]) if t.is_floating_point() else t
+
+
+def adapted_layer(weight: torch.Tensor, parts: dict[str, torch.Tensor], adapter: AdapterConfig) -> LoRALinear:
+    """One DoRALinear/LoRALinear on the NF4 base `weight` quantized as prepare_model does, holding
+    the trained factors in `parts`."""
+    nf4 = NF4Weight.quantize(as_trained(weight, adapter), adapter.blocksize, adapter.double_quant)
+    rank = parts["lora_A"].shape[0] if "lora_A" in parts else 0
+    dtype = next(iter(parts.values())).dtype
+    if adapter.method == "qdora":
+        layer = DoRALinear(nf4, None, rank, adapter.alpha, dtype=dtype)
+    else:
+        layer = LoRALinear(nf4, None, rank, adapter.alpha, dtype=dtype)
+    params = dict(layer.named_parameters())
+    with torch.no_grad():
+        for kind, t in parts.items():
+            params[kind].copy_(t)
+    return layer
+
+
+def merge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], adapter: AdapterConfig,
+                 against: str = "nf4") -> torch.Tensor:
+    """The dense float32 weight of one adapted module: m * V / ||V||_row (DoRA) or V (LoRA) with
+    V = W0 + s B@A, W0 the dequantized NF4 base (against=nf4) or the original `weight`."""
+    layer = adapted_layer(weight, parts, adapter)
+    if against == "nf4":
+        return layer.merged_weight()
+    v = weight.float() + layer.delta()
+    if isinstance(layer, DoRALinear):  # same formula as DoRALinear.merged_weight, W0 replaced
+        c = v.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny)
+        v = v * (layer.magnitude.float() / ((v / c[:, None]).square().sum(1).sqrt() * c))[:, None]
+    return v
+
+
+def _check_shapes(key: str, weight: torch.Tensor, parts: dict[str, torch.Tensor], base: str) -> None:
+    out, inp = weight.shape
+    want = {"lora_A": (parts.get("lora_A", torch.empty(0, inp)).shape[0], inp),
+            "lora_B": (out, parts.get("lora_B", torch.empty(0, 0)).shape[-1]), "magnitude": (out,)}
+    for kind, t in parts.items():
+        if tuple(t.shape) != want[kind]:
+            raise ValueError(f"adapter tensor {key[:-7]}.{kind} has shape {tuple(t.shape)} but base {base!r} "
+                             f"has {key} of shape {tuple(weight.shape)}; pass the --base the run was trained on")
+
+
+class ShardWriter:
+    """Buffers tensors and writes a safetensors shard each time the next tensor would overflow
+    max_bytes; close() names them model-0000i-of-0000n.safetensors and writes the index."""
+
+    def __init__(self, folder: str, max_bytes: int) -> None:
+        self.folder, self.max_bytes = folder, max_bytes
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+        self.shards: list[list[str]] = []
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        if self.buffer and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.buffer[key] = t.contiguous()
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self) -> None:
+        self.shards.append(list(self.buffer))
+        save_file(self.buffer, os.path.join(self.folder, f"shard-{len(self.shards)}"), metadata={"format": "pt"})
+        self.buffer, self.size = {}, 0
+
+    def close(self) -> None:
+        if self.buffer or not self.shards:
+            self.flush()
+        n, weight_map = len(self.shards), {}
+        for i, keys in enumerate(self.shards, 1):
+            name = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.folder, f"shard-{i}"), os.path.join(self.folder, name))
+            weight_map.update({k: name for k in keys})
+        with open(os.path.join(self.folder, INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))},
+                      f, indent=2)
+
+
+def _write_merged(run: Run, cfg: ExportConfig, tmp: str) -> None:
+    keys, tensors, model = base_tensors(run.base, cfg.trust_remote_code)
+    ft = run.adapter.method == "ft"
+    modules = {} if ft else {m + ".weight": parts for m, parts in run.modules().items()}
+    wanted = set(run.tensors) if ft else set(modules)
+    missing = sorted(wanted - set(keys))
+    if missing and model is None:  # checkpoint keys named unlike modules: ask transformers to load it
+        keys, tensors, model = base_tensors_loaded(run.base, cfg.trust_remote_code)
+        missing = sorted(wanted - set(keys))
+    if missing:
+        raise ValueError(f"base {run.base!r} has no {missing[:3]} ({len(missing)} missing) that the "
+                         f"{run.adapter.method} run {run.folder!r} adapted; pass the --base it was trained on")
+    dtype = DTYPES[cfg.dtype]
+    writer = ShardWriter(tmp, parse_size(cfg.max_shard_size))
+    for key, t in tqdm(tensors, total=len(keys), desc="export", unit="tensor"):
+        if key in modules:
+            _check_shapes(key, t, modules[key], run.base)
+            out = merge_weight(t, modules[key], run.adapter, cfg.against).to(dtype)
+        elif ft and key in run.tensors:
+            if run.tensors[key].shape != t.shape:
+                raise ValueError(f"ft tensor {key} has shape {tuple(run.tensors[key].shape)} but base {run.base!r} "
+                                 f"has {tuple(t.shape)}; pass the --base the run was trained on")
+            out = run.tensors[key].to(dtype, copy=True)
+        elif t.is_floating_point():
+            src = t if cfg.against == "original" or ft else as_trained(t, run.adapter)
+            out = src.to(dtype, copy=True)
+        else:
+            out = t.clone()
+        writer.add(key, out)
+        del t, out
+    writer.close()
+    _write_configs(run.base, model, dtype, cfg.trust_remote_code, tmp)
+
+
+def _write_configs(base: str, model, dtype: torch.dtype, trust_remote_code: bool, folder: str) -> None:
+    """config.json (dtype set to the export's), generation_config.json and the tokenizer files."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    path, extra = resolve_model(base)
+    config = model.config if model is not None else AutoConfig.from_pretrained(
+        path, trust_remote_code=trust_remote_code, **extra)
+    config.dtype = dtype
+    config.save_pretrained(folder)
+    try:
+        gen = GenerationConfig.from_pretrained(path, **extra)
+    except OSError:
+        gen = GenerationConfig.from_model_config(config)
+    gen.save_pretrained(folder)
+    try:
+        AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra).save_pretrained(folder)
+    except (OSError, ValueError) as exc:
+        tqdm.write(f"warning: base {base!r} has no loadable tokenizer ({str(exc).splitlines()[0]}); none exported")
+
+
+# ------------------------------------------------------------------------------ adapter formats
+
+
+def write_peft(run: Run, folder: str) -> None:
+    """adapter_config.json + adapter_model.safetensors in PEFT's naming, loadable with
+    peft.PeftModel.from_pretrained on the 4-bit base (DoRA when the run is qdora)."""
+    if run.adapter.method == "ft":
+        raise ValueError(f"{run.folder!r} is a full fine-tuning run, which has no adapter; use --format merged")
+    modules = run.modules()
+    magnitude_only = sorted(m for m, parts in modules.items() if "lora_A" not in parts)
+    if magnitude_only:
+        raise ValueError(f"{len(magnitude_only)} magnitude-only modules (e.g. {magnitude_only[0]}) have no PEFT "
+                         f"equivalent; use --format merged")
+    tensors = {f"{PEFT_PREFIX}{m}.{_SUFFIX[kind]}": t.contiguous() for m, parts in modules.items()
+               for kind, t in parts.items()}
+    save_file(tensors, os.path.join(folder, PEFT_TENSORS), metadata={"format": "pt"})
+    a = run.adapter
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": run.base, "r": a.rank,
+              "lora_alpha": a.alpha, "lora_dropout": a.dropout, "target_modules": sorted(modules),
+              "use_dora": a.method == "qdora", "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
+              "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {},
+              "alpha_pattern": {}}
+    with open(os.path.join(folder, PEFT_CONFIG), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def write_qdora(run: Run, folder: str) -> None:
+    """A qdora adapter folder (what `qdora train` saves), e.g. from an imported PEFT adapter: load_run,
+    `qdora eval` and `qdora export` take it."""
+    from .train import TrainConfig
+
+    save_file({k: t.contiguous() for k, t in run.tensors.items()}, os.path.join(folder, TENSORS))
+    meta = {"step": run.step, "train": asdict(TrainConfig(model=run.base)), "adapter": asdict(run.adapter),
+            "imported_from": os.path.abspath(run.folder)}
+    with open(os.path.join(folder, CONFIG), "w") as f:
+        json.dump(meta, f, indent=2)
+
+
+def _check_out_dir(out_dir: str) -> str:
+    """The parent folder to create the temporary folder in; refuses a non-empty out_dir."""
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise ValueError(f"out_dir {out_dir!r} exists and is not an empty folder; pass a new path")
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"cannot create {parent!r} for out_dir ({exc.strerror}); pass a writable out_dir") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write in {parent!r}; pass an out_dir in a writable folder")
+    return parent
+
+
+def _publish_modes(folder: str) -> None:
+    """Ordinary permissions (umask applied) instead of mkdtemp's and safetensors' owner-only ones."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for name in os.listdir(folder):
+        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
+
+
+def export(cfg: ExportConfig) -> dict:
+    """Write a merged Hugging Face checkpoint, a PEFT adapter or a qdora adapter from a trained run.
+
+    Returns {"out_dir", "format", "files"}. The output appears under cfg.out_dir only when complete.
+    """
+    parent = _check_out_dir(cfg.out_dir)
+    run = read_run(cfg.run, cfg.base)
+    if cfg.format == "merged":
+        resolve_model(run.base)  # a missing base fails here, before any work
+    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
+    try:
+        {"merged": _write_merged, "peft": lambda r, _, t: write_peft(r, t),
+         "qdora": lambda r, _, t: write_qdora(r, t)}[cfg.format](run, cfg, tmp)
+        with open(os.path.join(tmp, "qdora_export.json"), "w") as f:
+            json.dump({"run": os.path.abspath(run.folder), "base": run.base, "method": run.adapter.method,
+                       "step": run.step, **asdict(cfg)}, f, indent=2)
+        _publish_modes(tmp)
+        if os.path.isdir(cfg.out_dir):
+            os.rmdir(cfg.out_dir)  # empty, checked above
+        os.replace(tmp, cfg.out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    files = sorted(os.listdir(cfg.out_dir))
+    print(f"wrote {cfg.format} export of {run.folder} ({len(files)} files) to {os.path.abspath(cfg.out_dir)}")
+    return {"out_dir": os.path.abspath(cfg.out_dir), "format": cfg.format, "files": files}
