@@ -11,6 +11,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import distributed as D
 from .model import AdapterConfig, load_model, load_tokenizer, prepare_model
 
 TENSORS, CONFIG = "adapter.safetensors", "qdora_config.json"
@@ -18,8 +19,12 @@ TENSORS, CONFIG = "adapter.safetensors", "qdora_config.json"
 
 def save_adapter(model: torch.nn.Module, path: str, meta: dict) -> None:
     """Trainable tensors (safetensors) and the run's configuration, written to a temporary folder
-    and renamed into place, so `path` is either complete or absent."""
-    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    and renamed into place, so `path` is either complete or absent. Under FSDP2 every rank must
+    call it (the shards are gathered); rank 0 writes."""
+    tensors = {n: D.full_tensor(p.detach()).contiguous().cpu() for n, p in model.named_parameters()
+               if p.requires_grad}
+    if not D.is_main():
+        return
     parent = os.path.dirname(os.path.abspath(path))
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:

@@ -14,8 +14,9 @@ from itertools import islice
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as D
 from .checkpoint import save_adapter
-from .data import batches, encode_rows, load_rows, split_rows
+from .data import IGNORE_INDEX, batches, encode_rows, load_rows, split_rows
 from .evaluate import evaluate
 from .model import DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, merged, prepare_model
 
@@ -53,6 +54,10 @@ class TrainConfig:
         device: "auto" (CUDA when available), "cpu" or "cuda".
         save_every: write an adapter checkpoint every N steps (0 = only at the end).
         trust_remote_code: allow model code from the hub (off unless you trust the model).
+        activation_checkpointing: recompute each decoder block's activations in backward instead
+            of keeping them (less memory, ~30% more compute).
+        cpu_offload: under torchrun (FSDP2), keep parameter shards, gradients and optimizer state
+            in CPU memory and copy them to the GPU per block (bigger models, slower steps).
     """
 
     model: str = DEFAULT_MODEL
@@ -76,6 +81,8 @@ class TrainConfig:
     device: str = "auto"
     save_every: int = 0
     trust_remote_code: bool = False
+    activation_checkpointing: bool = False
+    cpu_offload: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens"):
@@ -137,30 +144,79 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: i
         return torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
 
     total = hidden.new_zeros((), dtype=torch.float32)
-    for i in range(0, hidden.shape[0], chunk):
+    # At least one (possibly empty) chunk, so a batch without labels still gives a loss connected to
+    # every parameter: under FSDP2 each rank must run the same backward (and reduce-scatters).
+    for i in range(0, max(hidden.shape[0], 1), chunk):
         total = total + torch.utils.checkpoint.checkpoint(piece, hidden[i:i + chunk], targets[i:i + chunk],
                                                           use_reentrant=False)
     return total
 
 
-def prepare_out_dir(out_dir: str) -> None:
+def prepare_out_dir(out_dir: str, resume: bool = False) -> None:
     if os.path.isfile(out_dir):
         raise ValueError(f"out_dir {out_dir!r} is a file; pass a folder path")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise ValueError(f"out_dir {out_dir!r} is not empty; pass a new folder or remove it")
+    if not resume and os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise ValueError(f"out_dir {out_dir!r} is not empty; pass a new folder, remove it, or add --resume=true")
     os.makedirs(out_dir, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"out_dir {out_dir!r} is not writable; pass another folder")
 
 
+def rank_slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """This rank's rows of a global batch (contiguous, as even as possible). A rank left without
+    rows gets the first row with every label ignored: it contributes nothing to the loss but still
+    runs forward and backward with the others."""
+    if world == 1:
+        return batch
+    rows = torch.tensor_split(torch.arange(batch["input_ids"].shape[0]), world)[rank]
+    if rows.numel():
+        return {k: v[rows] for k, v in batch.items()}
+    out = {k: v[:1] for k, v in batch.items()}
+    out["labels"] = torch.full_like(out["labels"], IGNORE_INDEX)
+    return out
+
+
+def global_batches(examples, batch_size: int, pad_id: int, seed: int, epoch: int = 0, consumed: int = 0):
+    """Endless (epoch, batches consumed in that epoch, batch) from a data position, identical on
+    every rank: the order depends only on (seed, epoch)."""
+    while True:
+        for i, b in enumerate(batches(examples, batch_size, pad_id, seed, epoch)):
+            if i >= consumed:
+                yield epoch, i + 1, b
+        epoch, consumed = epoch + 1, 0
+
+
+def build_model(cfg: TrainConfig, adapter: AdapterConfig, device: torch.device, sharded: bool):
+    """The prepared model on `device`, sharded with FSDP2 when `sharded`. Returns (model, call,
+    summary), where call(fn, *args) runs fn(model, *args) (through the FSDP2 root when sharded)."""
+    model = load_model(cfg.model, torch.float32, cfg.trust_remote_code)
+    torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, not on what loading drew
+    model, summary = prepare_model(model, adapter)
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device)
+    if sharded:
+        return model, D.shard_model(model, cfg.cpu_offload), summary
+    return model, lambda fn, *args: fn(model, *args), summary
+
+
 def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
     """Fine-tune `cfg.model` with `adapter.method`, scoring held-out exact match before and after.
 
+    Runs in one process, or sharded with FSDP2 when launched by torchrun (see launch/): every rank
+    draws the same global batches and takes its slice of each; only rank 0 writes files.
     Writes to cfg.out_dir: metrics.jsonl (one line per step and evaluation), predictions_*.jsonl,
     adapter/ (trainable tensors + config) and summary.json. Returns the summary.
     """
-    prepare_out_dir(cfg.out_dir)
-    device = resolve_device(cfg.device)
+    sharded = D.is_distributed()
+    if cfg.cpu_offload and not sharded:
+        raise ValueError("cpu_offload needs FSDP2: launch with torchrun (launch/train.py), "
+                         "--nproc_per_node 1 for one GPU")
+    device = D.init_from_env(cfg.device) if sharded else resolve_device(cfg.device)
+    rank, world, main = D.rank(), D.world_size(), D.is_main()
+    if main:
+        prepare_out_dir(cfg.out_dir)
+    D.barrier()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[adapter.method]
@@ -172,60 +228,62 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
     if skipped:
         tqdm.write(f"skipped {skipped} of {len(train_rows)} training examples longer than {cfg.max_length} tokens")
 
-    model = load_model(cfg.model, torch.float32, cfg.trust_remote_code)
-    model, summary = prepare_model(model, adapter)
-    model.to(device)
-    tqdm.write(f"{adapter.method}: {summary}")
+    model, call, summary = build_model(cfg, adapter, device, sharded)
+    tqdm.write(f"{adapter.method}: {summary}" + (f"; FSDP2 over {world} ranks" if sharded else ""))
     params = [p for p in model.parameters() if p.requires_grad]
+    # fused AdamW does not take DTensor shards; foreach gives the same update
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
-                            fused=device.type in ("cuda", "cpu"))
+                            fused=not sharded and device.type in ("cuda", "cpu"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps))
     compute = DTYPES[adapter.compute_dtype]
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w")
+    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") if main else None
 
     def log(record: dict) -> None:
-        metrics.write(json.dumps(record) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
 
     def run_eval(step: int) -> float:
         if not cfg.eval_rows:
             return float("nan")
-        path = os.path.join(cfg.out_dir, f"predictions_step{step}.jsonl")
+        path = os.path.join(cfg.out_dir, f"predictions_step{step}.jsonl") if main else None
         with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
-            if cfg.merge_for_eval:
+            # Sharded: every rank generates the same answers in lockstep (each forward all-gathers).
+            if cfg.merge_for_eval and not sharded:
                 with merged(model, compute):
                     result = evaluate(model, tokenizer, held_out, cfg.max_new_tokens, cfg.eval_batch_size, path)
             else:
-                result = evaluate(model, tokenizer, held_out, cfg.max_new_tokens, cfg.eval_batch_size, path)
+                result = call(evaluate, tokenizer, held_out, cfg.max_new_tokens, cfg.eval_batch_size, path)
         log({"step": step, "eval_accuracy": result["accuracy"], "eval_correct": result["correct"],
              "eval_n": result["n"]})
-        tqdm.write(f"step {step}: held-out exact match {result['correct']}/{result['n']} = {result['accuracy']:.3f}")
+        if main:
+            tqdm.write(f"step {step}: held-out exact match {result['correct']}/{result['n']} = "
+                       f"{result['accuracy']:.3f}")
         return result["accuracy"]
 
     start = time.time()
     acc_before = run_eval(0)
     pad_id = tokenizer.pad_token_id
-    epoch, stream = 0, batches(examples, cfg.batch_size, pad_id, cfg.seed, 0)
+    stream = global_batches(examples, cfg.batch_size, pad_id, cfg.seed)
+    epoch = 0
     model.train()
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"train {adapter.method}", unit="step")
+    bar = tqdm(range(1, cfg.steps + 1), desc=f"train {adapter.method}", unit="step", disable=not main)
     loss_value, train_time, tokens_seen = float("nan"), 0.0, 0
     for step in bar:
         t0 = time.time()
         micro = []
-        while len(micro) < cfg.grad_accum:
-            got = list(islice(stream, cfg.grad_accum - len(micro)))
-            micro += got
-            if len(micro) < cfg.grad_accum:
-                epoch += 1
-                stream = batches(examples, cfg.batch_size, pad_id, cfg.seed, epoch)
+        for _ in range(cfg.grad_accum):
+            epoch, _consumed, b = next(stream)
+            micro.append(b)
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         total = 0.0
         for b in micro:
-            b = {k: v.to(device) for k, v in b.items()}
+            b = {k: v.to(device) for k, v in rank_slice(b, rank, world).items()}
             with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32):
-                loss = answer_loss(model, b) / n_tokens
+                loss = call(answer_loss, b) / n_tokens
             loss.backward()
             total += loss.item()
+        total = D.all_reduce_sum(total, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
         if not math.isfinite(total):
             raise FloatingPointError(f"loss became {total} at step {step}; lower --lr or check the data")
@@ -238,7 +296,7 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
         tokens_seen += tokens
         loss_value = total
         mem = peak_memory_mb(device)
-        log({"step": step, "loss": total, "lr": sched.get_last_lr()[0], "grad_norm": float(grad_norm),
+        log({"step": step, "loss": total, "lr": sched.get_last_lr()[0], "grad_norm": float(D.full_tensor(grad_norm)),
              "tokens": tokens, "tokens_per_s": tokens / dt, "peak_memory_mb": mem, "epoch": epoch})
         bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tokens / dt:.0f}", mem=f"{mem:.0f}MB")
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
@@ -252,12 +310,15 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
               "final_loss": loss_value, "trainable_parameters": summary.trainable,
               "total_parameters": summary.total, "train_seconds": train_time,
               "wall_seconds": time.time() - start, "tokens": tokens_seen,
-              "peak_memory_mb": peak_memory_mb(device), "lr": lr, "steps": cfg.steps, "skipped": skipped}
+              "peak_memory_mb": peak_memory_mb(device), "lr": lr, "steps": cfg.steps, "skipped": skipped,
+              "world_size": world}
     log({"summary": result})
-    metrics.close()
-    with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    tqdm.write(f"exact match {acc_before:.3f} -> {acc_after:.3f}; wrote {os.path.abspath(cfg.out_dir)}")
+    if main:
+        metrics.close()
+        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        tqdm.write(f"exact match {acc_before:.3f} -> {acc_after:.3f}; wrote {os.path.abspath(cfg.out_dir)}")
+    D.barrier()
     return result
 
 

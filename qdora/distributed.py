@@ -1,0 +1,134 @@
+"""Process groups and FSDP2 sharding: what changes when `train()` runs under torchrun.
+
+Rank, world size and backend come from the environment torchrun sets (RANK, WORLD_SIZE,
+LOCAL_RANK, MASTER_ADDR/PORT): NCCL on CUDA, gloo on CPU. A run without WORLD_SIZE > 1 and without
+an initialized process group is a plain single process and none of this is used.
+
+Sharding (`shard_model`): one `fully_shard` unit per decoder block, then the root (embeddings,
+final norm, head). Every parameter is sharded by its first dimension, the NF4 payload included:
+`NF4Weight.packed` (uint8, out x in_pad/2) and `NF4Weight.absmax` (uint8 or float32,
+out x blocks) are plain row-major Parameters, so each rank holds about 1/N of the 4-bit model.
+Mixed precision is qdora's own (autocast plus frozen weights stored in the compute dtype, adapters
+cast inside their forward), so the FSDP2 policy leaves param_dtype unset: FSDP2 skips integer
+parameters but would cast a float32 absmax (double_quant=False) to bf16 in the all-gather, losing
+scale bits. Gradients are reduced in float32 and summed, not averaged, because each rank's loss
+is already divided by the global answer-token count.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_distributed() -> bool:
+    """True under torchrun with several ranks, or when a process group is already initialized."""
+    return (dist.is_available() and dist.is_initialized()) or env_world_size() > 1
+
+
+def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> torch.device:
+    """Initialize the default process group from torchrun's environment (no-op if done already)
+    and return this rank's device: cuda:LOCAL_RANK with NCCL when CUDA is visible (and `device` is
+    auto or cuda), else CPU with gloo."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
+                                device_id=device if cuda else None)
+    if dist.get_rank() != 0:
+        os.environ["TQDM_DISABLE"] = "1"  # progress bars on rank 0 only
+    return device
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    """Sum a Python float over ranks (the value itself in a single process)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated decoder blocks (Hugging Face's `_no_split_modules` classes), in model order."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        blocks = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no recognizable decoder blocks to shard")
+    return blocks
+
+
+class Root(nn.Module):
+    """The FSDP2 root around a model: `root(fn, *args)` runs `fn(model, *args)` inside the root's
+    forward, so the root's parameters (embeddings, final norm, head) are gathered for code that
+    calls the model's parts directly (the chunked loss calls the decoder, then the head) or calls
+    it many times (generation)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
+def shard_model(model: nn.Module, cpu_offload: bool = False) -> Root:
+    """FSDP2: one unit per decoder block plus the root; shards `model` in place (its parameter
+    names do not change) and returns the Root to call it through."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    for block in decoder_blocks(model):
+        fully_shard(block, mp_policy=mp, offload_policy=offload)
+    root = fully_shard(Root(model), mp_policy=mp, offload_policy=offload)
+    # Each rank's loss is a share of the global sum: sum the gradient shards instead of averaging.
+    for unit in (*decoder_blocks(model), root):
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+    return root
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly DTensor) parameter."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor, gathered from every rank when sharded (a collective: call on all ranks)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def local_bytes(model: nn.Module) -> int:
+    """Bytes of parameters and buffers this rank holds."""
+    return sum(local_tensor(t).numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
