@@ -11,6 +11,8 @@ import fire
 
 from .compare import PER_METHOD, CompareConfig, compare
 from .evaluate import EvalConfig, eval_run
+from .memory import MemoryConfig, memory
+from .export import ExportConfig, export
 from .model import AdapterConfig
 from .train import TrainConfig, train
 
@@ -71,6 +73,8 @@ COMMANDS = {
                        CompareConfig, TrainConfig, AdapterConfig, exclude=PER_METHOD),
     "eval": command(eval_run, "Score a trained run's exact match on held-out problems (greedy, merged weights).",
                     EvalConfig),
+    "export": command(export, "Write a merged Hugging Face checkpoint, a PEFT adapter, or import a PEFT adapter.",
+                      ExportConfig),
 }
 
 
