@@ -75,6 +75,8 @@ COMMANDS = {
                     EvalConfig),
     "export": command(export, "Write a merged Hugging Face checkpoint, a PEFT adapter, or import a PEFT adapter.",
                       ExportConfig),
+    "memory": command(memory, "Predict the per-rank peak memory of a training step from a model config (no weights).",
+                      MemoryConfig, AdapterConfig),
 }
 
 

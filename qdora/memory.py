@@ -1,0 +1,381 @@
+"""Predicted per-rank peak memory of a QDoRA, QLoRA or full fine-tuning step, without weights.
+
+The model is built from its config on the meta device and prepared by the real `prepare_model`
+(with NF4 quantization replaced by allocation of empty NF4Weight tensors of the same shapes, so
+NF4's padding and scale sizes come from NF4Weight itself). Every parameter and buffer of that model
+is counted by kind; FSDP2 sharding divides the parameters (dim 0, padded to a multiple of the world
+size) and leaves buffers replicated, as `qdora.distributed.shard_model` does.
+
+Activations are an enumeration of the tensors autograd saves in a Llama-like decoder block
+(transformers' Llama/Mistral/Qwen2 code, SDPA attention, our LoRALinear/DoRALinear), deduplicated
+by storage, with Hugging Face non-reentrant activation checkpointing optional. tests/test_memory.py
+checks every category against tensors measured on small real models.
+
+The total adds every category at its largest, so it is an upper bound on the true peak: gradients
+and optimizer state are counted as present while all activations are alive.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .dora import DoRALinear
+from .model import DTYPES, AdapterConfig, find_targets, prepare_model
+from .nf4 import NF4Weight
+
+CONFIG_DIR = Path(__file__).with_name("configs")
+SHIPPED = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+LLAMA_LIKE = ("llama", "mistral", "qwen2")
+GiB = 2**30
+CATEGORIES = {
+    "nf4_weights": "4-bit weights (packed NF4)",
+    "nf4_scales": "NF4 scales (absmax, absmax2, code2)",
+    "frozen_weights": "frozen non-quantized weights (embeddings, norms, head)",
+    "adapters": "trainable weights (m, A, B, DoRA norm constants; all under ft)",
+    "gradients": "gradients of the trainable weights",
+    "optimizer": "AdamW state (exp_avg, exp_avg_sq, step)",
+    "activations": "activations saved for backward",
+    "logits": "logits of one loss chunk (bf16, fp32, grad)",
+    "transient": "transient buffers (dequantized weight, FSDP all-gathers)",
+}
+
+
+def _flag(name: str, value) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """The model and the run whose memory is predicted (method, rank and targets: see the adapter flags).
+
+    Args:
+        config: a shipped model config (llama-2-7b, llama-3-8b, llama-3-70b, mistral-7b) or the path
+            of a config.json or of a Hugging Face model folder.
+        seq_len: tokens per sequence.
+        batch_size: sequences per micro-batch on each rank.
+        world_size: FSDP2 ranks (1 = one GPU, no sharding).
+        checkpointing: activation checkpointing of every decoder block (non-reentrant).
+        offload: FSDP2 CPU offload of the sharded parameters, gradients and optimizer state.
+        loss_chunk: rows of logits materialized at once by the chunked loss (qdora.train.answer_loss).
+    """
+
+    config: str = "llama-3-8b"
+    seq_len: int = 2048
+    batch_size: int = 1
+    world_size: int = 1
+    checkpointing: bool = True
+    offload: bool = False
+    loss_chunk: int = 1024
+
+    def __post_init__(self) -> None:
+        for name in ("seq_len", "batch_size", "world_size", "loss_chunk"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("checkpointing", "offload"):
+            object.__setattr__(self, name, _flag(name, getattr(self, name)))
+        if not isinstance(self.config, str) or not self.config:
+            raise ValueError(f"config must be a shipped name {SHIPPED} or a path, got {self.config!r}")
+
+
+def load_config(name_or_path: str):
+    """A transformers config from a shipped name, a config.json path or a model folder."""
+    from transformers import AutoConfig
+
+    path = CONFIG_DIR / f"{name_or_path}.json" if name_or_path in SHIPPED else Path(os.path.expanduser(name_or_path))
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"model config {name_or_path!r} is neither a shipped name {SHIPPED} nor a "
+                                f"config.json / model folder path")
+    values = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+    model_type = values.pop("model_type", None)
+    if model_type not in LLAMA_LIKE:
+        raise ValueError(f"{path}: model_type {model_type!r} is not covered; the memory model knows Llama-like "
+                         f"blocks {LLAMA_LIKE}")
+    return AutoConfig.for_model(model_type, **values)
+
+
+@contextmanager
+def _shape_only_nf4():
+    """NF4Weight.quantize allocating empty tensors on the weight's (meta) device instead of
+    running bitsandbytes on data: same shapes, same padding rule."""
+    real = NF4Weight.__dict__["quantize"]
+
+    def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+        return cls(weight.shape[0], weight.shape[1], blocksize, double_quant, device=weight.device)
+
+    NF4Weight.quantize = classmethod(quantize)
+    try:
+        yield
+    finally:
+        NF4Weight.quantize = real
+
+
+def meta_model(hf_config, adapter: AdapterConfig) -> tuple[torch.nn.Module, list[str]]:
+    """The prepared model (qdora.model.prepare_model) with every tensor on the meta device, and the
+    names of the adapted linear layers."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config)
+    names = find_targets(model, adapter.targets)
+    with _shape_only_nf4():
+        model, _ = prepare_model(model, adapter)
+    return model, names
+
+
+def _nbytes(t: torch.Tensor, world_size: int = 1) -> int:
+    """Bytes of this rank's FSDP2 shard: dim 0 padded to a multiple of the world size."""
+    if t.dim() == 0 or world_size == 1:
+        return t.numel() * t.element_size()
+    return math.ceil(t.shape[0] / world_size) * (t.numel() // t.shape[0]) * t.element_size()
+
+
+def tensor_kinds(model: torch.nn.Module) -> dict[str, list[tuple[torch.Tensor, bool]]]:
+    """Every parameter and buffer (tied ones once) by category, with True for FSDP-sharded
+    parameters and False for replicated buffers."""
+    kinds: dict[str, list] = {"nf4_weights": [], "nf4_scales": [], "frozen_weights": [], "adapters": []}
+    seen = set()
+    nf4 = {id(m.packed): "nf4_weights" for m in model.modules() if isinstance(m, NF4Weight)}
+    for m in model.modules():
+        if isinstance(m, NF4Weight):
+            nf4.update({id(t): "nf4_scales" for t in (m.absmax, m.absmax2, m.code2, m.offset)})
+        if isinstance(m, DoRALinear):
+            nf4.update({id(m.row_scale): "adapters", id(m.w0_sq): "adapters"})
+    for sharded, tensors in ((True, model.parameters()), (False, model.buffers())):
+        for t in tensors:
+            if id(t) in seen:
+                continue
+            seen.add(id(t))
+            kind = nf4.get(id(t)) or ("adapters" if t.requires_grad else "frozen_weights")
+            kinds[kind].append((t, sharded))
+    return kinds
+
+
+class _Saved:
+    """Bytes of saved tensors keyed by the storage they live in (each storage counted once)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, int] = {}
+
+    def add(self, key: str, nbytes: int) -> str:
+        self.items.setdefault(key, nbytes)
+        return key
+
+    def total(self) -> int:
+        return sum(self.items.values())
+
+
+def _layer_dims(cfg) -> dict[str, tuple[int, int]]:
+    h, inter = cfg.hidden_size, cfg.intermediate_size
+    hd = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd, (cfg.num_key_value_heads or cfg.num_attention_heads) * hd
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def _block(s: _Saved, i: int, cfg, adapter: AdapterConfig, adapted: set[str], n: int, seq: int,
+           res_rg: bool) -> bool:
+    """Add the tensors decoder block i saves (n tokens, sequences of seq); returns whether its
+    output requires grad."""
+    ft = adapter.method == "ft"
+    c = DTYPES[adapter.compute_dtype].itemsize
+    rs = DTYPES[adapter.adapter_dtype].itemsize if ft else c  # residual stream (= model weights) dtype
+    autocast = c != 4
+    r, drop = adapter.rank, adapter.dropout > 0
+    dims = _layer_dims(cfg)
+    h, nh = cfg.hidden_size, cfg.num_attention_heads
+
+    def norm(name: str, x_rg: bool) -> tuple[str, int]:
+        """RMSNorm: x.float() and rsqrt saved when x needs grad; a float32 normalized copy when the weight trains."""
+        if x_rg:
+            s.add(f"res{i}" if rs == 4 and name == "ln1" else f"{i}.{name}.f32", 4 * n * h)
+            s.add(f"{i}.{name}.rsqrt", 4 * n)
+            if ft:
+                s.add(f"{i}.{name}.normed", rs * n * h)
+        return f"{i}.{name}.out", (rs if ft else c)
+
+    def linear(name: str, x: str, x_size: int, x_rg: bool) -> bool:
+        fin, fout = dims[name]
+        key = f"{i}.{name}"
+        if ft:  # nn.Linear under autocast: bf16 copies of input and weight
+            s.add(f"{key}.xcast" if autocast and x_size != c else x, c * n * fin)
+            if x_rg and autocast:
+                s.add(f"{key}.wcast", c * fin * fout)
+            return True
+        if name not in adapted:
+            return x_rg  # frozen linear: saves only its weight, which is a parameter
+        xd = x
+        if drop and r:
+            xd = s.add(f"{key}.xdrop", c * n * fin)
+            if x_rg:
+                s.add(f"{key}.mask", n * fin)
+        if adapter.method == "qdora":  # _DoRAFunction: x, x_drop, A x, out, g (A, B, m are parameters)
+            s.add(x, c * n * fin)
+            s.add(xd, c * n * fin)
+            if r:
+                s.add(f"{key}.ax", c * n * r)
+            s.add(f"{key}.out", c * n * fout)
+            s.add(f"{key}.g", 4 * fout)
+        else:  # LoRA branch through autograd: x_d, bf16 copies of A and B, A x
+            s.add(xd, c * n * fin)
+            s.add(f"{key}.Acast", c * r * fin)
+            s.add(f"{key}.ax", c * n * r)
+            s.add(f"{key}.Bcast", c * r * fout)
+        return True
+
+    hd, q, kv = dims["q_proj"][1] // nh, dims["q_proj"][1], dims["k_proj"][1]
+    x, xs = norm("ln1", res_rg)
+    q_rg, k_rg, v_rg = (linear(p, x, xs, res_rg) for p in ("q_proj", "k_proj", "v_proj"))
+    if q_rg or k_rg:
+        s.add("rope.cos", rs * seq * hd)  # shared by every block
+        s.add("rope.sin", rs * seq * hd)
+    attn_rg = q_rg or k_rg or v_rg
+    if attn_rg:  # SDPA (flash): q and k after RoPE, v, output, log-sum-exp
+        for name, size in (("q", c * n * q), ("k", c * n * kv), ("v", c * n * kv), ("attn", c * n * q),
+                           ("lse", 4 * n * nh)):
+            s.add(f"{i}.sdpa.{name}", size)
+    o_rg = linear("o_proj", f"{i}.sdpa.attn", c, attn_rg)
+    mid_rg = res_rg or o_rg
+    x, xs = norm("ln2", mid_rg)
+    gate_rg, up_rg = (linear(p, x, xs, mid_rg) for p in ("gate_proj", "up_proj"))
+    inter = dims["gate_proj"][1]
+    if gate_rg:
+        s.add(f"{i}.gate_proj.out", c * n * inter)  # SiLU's input
+    if up_rg:
+        s.add(f"{i}.silu", c * n * inter)
+    if gate_rg:
+        s.add(f"{i}.up_proj.out", c * n * inter)
+    down_rg = linear("down_proj", f"{i}.prod", c, gate_rg or up_rg)
+    return mid_rg or down_rg
+
+
+def activations(cfg, adapter: AdapterConfig, adapted: set[str], batch_size: int, seq_len: int) -> dict[str, int]:
+    """Saved-tensor bytes: `saved` without checkpointing; with it, `stored` (block inputs and what
+    lies outside the blocks, kept all along) and `block` (one block's activations, recomputed in
+    backward)."""
+    ft = adapter.method == "ft"
+    c = DTYPES[adapter.compute_dtype].itemsize
+    rs = DTYPES[adapter.adapter_dtype].itemsize if ft else c
+    h, n, rows = cfg.hidden_size, batch_size * seq_len, batch_size * (seq_len - 1)
+
+    def outside(s: _Saved, res_rg: bool) -> None:
+        if ft:
+            s.add("ids", 8 * n)  # the embedding's indices
+        if res_rg:  # final norm (its input is the last block's output)
+            s.add(f"{cfg.num_hidden_layers}.final.f32" if rs != 4 else f"res{cfg.num_hidden_layers}", 4 * n * h)
+            s.add("final.rsqrt", 4 * n)
+            if ft:
+                s.add("final.normed", rs * n * h)
+        # answer_loss: the answer-token mask, the gathered hidden rows and their targets
+        s.add("loss.keep", rows)
+        s.add("loss.hidden", (rs if ft else c) * rows * h)
+        s.add("loss.targets", 8 * rows)
+
+    full = _Saved()
+    rg = ft
+    for i in range(cfg.num_hidden_layers):
+        rg = _block(full, i, cfg, adapter, adapted, n, seq_len, rg)
+    outside(full, rg)
+
+    stored = _Saved()
+    for i in range(cfg.num_hidden_layers):
+        stored.add(f"res{i}", rs * n * h)  # checkpoint inputs
+    outside(stored, True)
+    one = _Saved()
+    _block(one, 1, cfg, adapter, adapted, n, seq_len, True)
+    return {"saved": full.total(), "stored": stored.total(), "block": one.total()}
+
+
+def predict(hf_config, adapter: AdapterConfig, seq_len: int = 2048, batch_size: int = 1, world_size: int = 1,
+            checkpointing: bool = True, offload: bool = False, loss_chunk: int = 1024) -> dict:
+    """Per-rank peak memory in bytes by category, for the GPU and (with offload) the host.
+
+    Returns {"gpu": {category: bytes}, "host": {category: bytes}, "gpu_total", "host_total" (per
+    rank), "host_all_ranks", "activations": {saved, stored, block}, "trainable": parameter count}.
+    """
+    model, names = meta_model(hf_config, adapter)
+    ws = world_size
+    fsdp = ws > 1 or offload
+    gpu = dict.fromkeys(CATEGORIES, 0)
+    host = dict.fromkeys(CATEGORIES, 0)
+    kinds = tensor_kinds(model)
+    for kind, tensors in kinds.items():
+        for t, sharded in tensors:
+            (host if sharded and offload else gpu)[kind] += _nbytes(t, ws if sharded else 1)
+    trainable = [t for t, _ in kinds["adapters"] if t.requires_grad]
+    state = host if offload else gpu
+    state["gradients"] = sum(_nbytes(t, ws) for t in trainable)
+    state["optimizer"] = sum(2 * _nbytes(t, ws) + 4 for t in trainable)  # exp_avg, exp_avg_sq, step
+    dora = [m for m in model.modules() if isinstance(m, DoRALinear)]
+    gpu["adapters"] += sum(4 * m.out_features for m in dora if m.rank)  # cached detached norm
+
+    adapted = {n.rsplit(".", 1)[-1] for n in names} if adapter.method != "ft" else set()
+    acts = activations(hf_config, adapter, adapted, batch_size, seq_len)
+    gpu["activations"] = acts["stored"] + acts["block"] if checkpointing else acts["saved"]
+
+    c = DTYPES[adapter.compute_dtype].itemsize
+    vocab = hf_config.vocab_size
+    gpu["logits"] = min(loss_chunk, batch_size * (seq_len - 1)) * vocab * (c + 4 + 4)
+
+    layers = {n: m for n, m in model.named_modules() if hasattr(m, "weight") and isinstance(m.weight, NF4Weight)}
+    transient = 0
+    if layers:  # one NF4 weight dequantized in the compute dtype (forward, backward, DoRA norm)
+        transient = max(c * m.out_features * m.weight.in_pad for m in layers.values())
+        if adapter.method == "qdora":  # _DoRAFunction's fp32 (g - 1) * base and delta
+            transient += 2 * 4 * batch_size * seq_len * max(m.out_features for m in layers.values())
+    if adapter.method == "ft" and checkpointing and c != 4:  # autocast's cache of bf16 weight copies
+        transient += sum(c * m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    if fsdp:  # unsharded root (embeddings, final norm, head) kept all step + two gathered blocks + one block's grads
+        from .distributed import decoder_blocks
+
+        blocks = decoder_blocks(model)
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        root = sum(_nbytes(p) for p in model.parameters() if id(p) not in in_blocks)
+        block = max(sum(_nbytes(p) for p in b.parameters()) for b in blocks)
+        block_grads = max(sum(4 * p.numel() for p in b.parameters() if p.requires_grad) for b in blocks)
+        transient += root + 2 * block + block_grads
+    gpu["transient"] = transient
+    result = {"gpu": gpu, "host": host, "gpu_total": sum(gpu.values()), "host_total": sum(host.values()),
+              "activations": acts, "trainable": sum(t.numel() for t in trainable)}
+    result["host_all_ranks"] = result["host_total"] * ws
+    return result
+
+
+def format_table(result: dict, title: str) -> str:
+    """The breakdown as a plain-text table in GiB."""
+    lines = [title, f"{'category':<66} {'GPU GiB':>9} {'host GiB':>9}"]
+    for key, label in CATEGORIES.items():
+        lines.append(f"{label:<66} {result['gpu'][key] / GiB:>9.3f} {result['host'][key] / GiB:>9.3f}")
+    lines.append(f"{'total per rank (upper bound on the peak)':<66} {result['gpu_total'] / GiB:>9.3f} "
+                 f"{result['host_total'] / GiB:>9.3f}")
+    return "\n".join(lines)
+
+
+def memory(cfg: MemoryConfig, adapter: AdapterConfig = AdapterConfig()) -> dict:
+    """Print and return the predicted per-rank memory of one training step (GiB per category)."""
+    hf_config = load_config(cfg.config)
+    result = predict(hf_config, adapter, cfg.seq_len, cfg.batch_size, cfg.world_size, cfg.checkpointing,
+                     cfg.offload, cfg.loss_chunk)
+    title = (f"{cfg.config}: {adapter.method} rank {adapter.rank}, targets {','.join(adapter.targets)}, "
+             f"{cfg.batch_size} x {cfg.seq_len} tokens, world size {cfg.world_size}, checkpointing "
+             f"{cfg.checkpointing}, offload {cfg.offload}")
+    print(format_table(result, title))
+    if cfg.world_size > 1 and cfg.offload:
+        print(f"host RAM for all {cfg.world_size} ranks: {result['host_all_ranks'] / GiB:.2f} GiB")
+    return {"gpu_gib": {k: v / GiB for k, v in result["gpu"].items()},
+            "host_gib": {k: v / GiB for k, v in result["host"].items()},
+            "gpu_total_gib": result["gpu_total"] / GiB, "host_total_gib": result["host_total"] / GiB,
+            "host_all_ranks_gib": result["host_all_ranks"] / GiB}

@@ -1,0 +1,156 @@
+"""The memory model against tensors measured on small real models (prepared by prepare_model)."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from conftest import STORIES, need
+from qdora.cli import main
+from qdora.dora import DoRALinear
+from qdora.memory import SHIPPED, MemoryConfig, load_config, memory, predict
+from qdora.model import AdapterConfig, prepare_model
+from qdora.nf4 import NF4Weight
+from qdora.train import answer_loss
+
+TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
+B, T = 2, 48
+TOL = 0.10
+
+
+def measure(hf_config, adapter: AdapterConfig, checkpointing: bool) -> dict[str, int]:
+    """Bytes by category on the real prepared model: tensors by kind, gradients and AdamW state after
+    one step, and the unique storages autograd saves during one forward of the training loss."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(hf_config).float()
+    model, _ = prepare_model(model, adapter)
+    if checkpointing:
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable({"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    got = dict.fromkeys(("nf4_weights", "nf4_scales", "frozen_weights", "adapters"), 0)
+    owned = {}
+    for m in model.modules():  # classified by what each module owns, independently of qdora.memory
+        if isinstance(m, NF4Weight):
+            owned[m.packed.untyped_storage().data_ptr()] = ("nf4_weights", m.packed.untyped_storage().nbytes())
+            for t in (m.absmax, m.absmax2, m.code2, m.offset):
+                owned[t.untyped_storage().data_ptr()] = ("nf4_scales", t.untyped_storage().nbytes())
+    for t in (*model.parameters(), *model.buffers()):
+        st = t.untyped_storage()
+        if st.data_ptr() not in owned:
+            trainable = t.requires_grad or any(t is b for m in model.modules() if isinstance(m, DoRALinear)
+                                               for b in (m.row_scale, m.w0_sq))
+            owned[st.data_ptr()] = ("adapters" if trainable else "frozen_weights", st.nbytes())
+    for kind, nbytes in owned.values():
+        got[kind] += nbytes
+
+    ids = torch.randint(0, hf_config.vocab_size, (B, T))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        saved.setdefault(st.data_ptr(), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = answer_loss(model, batch)
+    caches = {m._norm_cache[1].untyped_storage().data_ptr() for m in model.modules()
+              if isinstance(m, DoRALinear) and m._norm_cache is not None}
+    got["adapters"] += sum(saved.get(p, 0) for p in caches)  # the persistent norm cache
+    got["activations"] = sum(v for p, v in saved.items() if p not in owned and p not in caches)
+    loss.backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    got["gradients"] = sum(p.grad.untyped_storage().nbytes() for p in params)
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt.step()
+    got["optimizer"] = sum(t.untyped_storage().nbytes() for s in opt.state.values() for t in s.values())
+    return got
+
+
+def close(pred: int, meas: int) -> bool:
+    return abs(pred - meas) <= TOL * meas
+
+
+@pytest.mark.parametrize("method", ["qdora", "qlora", "ft"])
+def test_prediction_matches_measured(method):
+    hf_config = LlamaConfig(**TINY)
+    adapter = AdapterConfig(method=method, rank=8)
+    got = measure(hf_config, adapter, checkpointing=False)
+    got_ckpt = measure(hf_config, adapter, checkpointing=True)
+    pred = predict(hf_config, adapter, seq_len=T, batch_size=B, checkpointing=False)
+    rows = {k: (pred["gpu"][k], got[k]) for k in got if k != "activations"}
+    rows["activations (no checkpointing)"] = (pred["activations"]["saved"], got["activations"])
+    rows["activations kept under checkpointing"] = (pred["activations"]["stored"], got_ckpt["activations"])
+    rows["total"] = (sum(p for p, _ in list(rows.values())[:-1]), sum(m for _, m in list(rows.values())[:-1]))
+    bad = {k: v for k, v in rows.items() if not close(*v)}
+    assert not bad, f"{method}: predicted vs measured bytes off by more than {TOL:.0%}: {bad}"
+    assert got["nf4_weights"] > 0 if method != "ft" else got["nf4_weights"] == 0
+
+
+def test_stories260k_activations_and_weights():
+    """The real tiny Llama (tied embeddings, 172-wide MLP padded to 192 in NF4)."""
+    path = need(STORIES)
+    hf_config = load_config(str(path))
+    adapter = AdapterConfig(method="qdora", rank=4)
+    got = measure(hf_config, adapter, checkpointing=False)
+    pred = predict(hf_config, adapter, seq_len=T, batch_size=B)
+    for key in ("nf4_weights", "nf4_scales", "frozen_weights", "adapters", "gradients", "optimizer"):
+        assert close(pred["gpu"][key], got[key]), (key, pred["gpu"][key], got[key])
+    assert close(pred["activations"]["saved"], got["activations"])
+
+
+def test_a_wrong_model_fails():
+    """The comparison can fail: a prediction for the wrong method or sequence misses the measurement."""
+    hf_config = LlamaConfig(**TINY)
+    got = measure(hf_config, AdapterConfig(method="qlora", rank=8), checkpointing=False)
+    dora = predict(hf_config, AdapterConfig(method="qdora", rank=8), seq_len=T, batch_size=B)
+    assert not close(dora["activations"]["saved"], got["activations"])
+    short = predict(hf_config, AdapterConfig(method="qlora", rank=8), seq_len=T // 2, batch_size=B)
+    assert not close(short["activations"]["saved"], got["activations"])
+
+
+def test_sharding_and_offload_split():
+    hf_config = load_config("llama-3-8b")
+    one = predict(hf_config, AdapterConfig(), world_size=1)
+    two = predict(hf_config, AdapterConfig(), world_size=2, offload=True)
+    assert two["gpu"]["nf4_weights"] == 0 and two["host"]["nf4_weights"] > 0
+    assert abs(two["host"]["nf4_weights"] * 2 - one["gpu"]["nf4_weights"]) < 1e-3 * one["gpu"]["nf4_weights"]
+    assert two["host"]["optimizer"] > 0 and two["gpu"]["optimizer"] == 0
+    assert two["gpu"]["activations"] == one["gpu"]["activations"]
+
+
+def test_shipped_configs_and_targets():
+    assert set(SHIPPED) == {"llama-2-7b", "llama-3-8b", "mistral-7b", "llama-3-70b"}
+    sizes = {}
+    for name in SHIPPED:
+        res = predict(load_config(name), AdapterConfig(method="qlora"), checkpointing=True)
+        sizes[name] = res["trainable"]
+    # LoRA rank 16 on all linear layers: published trainable counts (PEFT) are 40.0M and 41.9M
+    assert sizes["llama-2-7b"] == 16 * 32 * (4 * (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))
+    assert sizes["llama-3-8b"] == 41_943_040
+    q8 = memory(MemoryConfig("llama-3-8b"), AdapterConfig(method="qdora"))
+    assert q8["gpu_total_gib"] <= 9.0
+
+
+def test_config_errors_and_cli(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="llama-3-8b"):
+        load_config("llama-9b")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="gpt2"):
+        load_config(str(tmp_path))
+    with pytest.raises(ValueError, match="checkpointing"):
+        MemoryConfig(checkpointing="maybe")
+    with pytest.raises(ValueError, match="world_size"):
+        MemoryConfig(world_size=0)
+    assert main(["memory", "--config", "nope"]) == 2
+    assert "shipped name" in capsys.readouterr().err
+    assert main(["memory", "--config", "mistral-7b", "--method", "qlora", "--seq_len", "512",
+                 "--checkpointing", "false"]) == 0
+    out = capsys.readouterr().out
+    assert "mistral-7b: qlora" in out and "total per rank" in out
