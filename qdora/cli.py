@@ -9,6 +9,7 @@ import sys
 
 import fire
 
+from .analyze import AnalyzeConfig, analyze
 from .compare import PER_METHOD, CompareConfig, compare
 from .evaluate import EvalConfig, eval_run
 from .memory import MemoryConfig, memory
@@ -77,6 +78,8 @@ COMMANDS = {
                       ExportConfig),
     "memory": command(memory, "Predict the per-rank peak memory of a training step from a model config (no weights).",
                       MemoryConfig, AdapterConfig),
+    "analyze": command(analyze, "DoRA paper weight-decomposition analysis (ΔM, ΔD per layer, scatter plot) of "
+                       "fine-tuned models against their base.", AnalyzeConfig),
 }
 
 
