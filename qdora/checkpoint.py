@@ -1,11 +1,28 @@
-"""Adapter checkpoints: the trainable tensors of a run and the configuration that rebuilds it."""
+"""Checkpoints: the trainable tensors of a run and the configuration that rebuilds it (adapter
+format, read by eval/export), plus, in training checkpoints, everything `--resume` needs.
+
+A training checkpoint `out_dir/checkpoint-N/` holds:
+    adapter.safetensors, qdora_config.json   full trainable tensors + configs (rank 0), as `adapter/`
+    state/                                   torch.distributed.checkpoint (DCP) of the trainable
+                                             parameters and the optimizer state, sharded per rank
+                                             under FSDP2, resharded on load (any world size)
+    trainer.json                             step, data position (epoch, batches consumed in it),
+                                             scheduler state, counters, Python RNG state
+    rng-rank{R}.safetensors                  torch CPU (and CUDA) RNG state of rank R
+It is written under a temporary name by every rank and renamed by rank 0 after a barrier, so a
+`checkpoint-N/` folder is always complete.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import shutil
 import tempfile
+import warnings
+from dataclasses import asdict
 
 import torch
 from safetensors import SafetensorError
@@ -15,14 +32,17 @@ from . import distributed as D
 from .model import AdapterConfig, load_model, load_tokenizer, prepare_model
 
 TENSORS, CONFIG = "adapter.safetensors", "qdora_config.json"
+STATE, TRAINER = "state", "trainer.json"
+# TrainConfig fields that may change on --resume: they do not change what is computed.
+RESUME_FREE = frozenset({"out_dir", "resume", "eval_every", "eval_batch_size", "max_new_tokens", "merge_for_eval",
+                         "save_every", "device", "trust_remote_code", "activation_checkpointing", "cpu_offload"})
 
 
 def save_adapter(model: torch.nn.Module, path: str, meta: dict) -> None:
     """Trainable tensors (safetensors) and the run's configuration, written to a temporary folder
     and renamed into place, so `path` is either complete or absent. Under FSDP2 every rank must
     call it (the shards are gathered); rank 0 writes."""
-    tensors = {n: D.full_tensor(p.detach()).contiguous().cpu() for n, p in model.named_parameters()
-               if p.requires_grad}
+    tensors = gathered_trainable(model)
     if not D.is_main():
         return
     parent = os.path.dirname(os.path.abspath(path))
@@ -36,6 +56,123 @@ def save_adapter(model: torch.nn.Module, path: str, meta: dict) -> None:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def gathered_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full trainable tensors on the CPU (gathered from every rank under FSDP2: a collective)."""
+    return {n: D.full_tensor(p.detach()).contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _dcp_state(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict, object]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True, strict=False)
+    model_sd, optim_sd = get_state_dict(model, opt, options=options)
+    return {"model": model_sd, "optim": optim_sd}, options
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def save_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, path: str, meta: dict,
+                    position: dict, device: torch.device) -> None:
+    """Write training checkpoint `path` (see the module docstring); every rank calls it."""
+    import torch.distributed.checkpoint as dcp
+
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    if D.is_main():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    D.barrier()
+    state, _ = _dcp_state(model, opt)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.save(state, checkpoint_id=os.path.join(tmp, STATE), no_dist=D.world_size() == 1)
+    save_file(_rng_state(device), os.path.join(tmp, f"rng-rank{D.rank()}.safetensors"))
+    tensors = gathered_trainable(model)
+    if D.is_main():
+        save_file(tensors, os.path.join(tmp, TENSORS))
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump(meta, f, indent=2)
+        trainer = {**position, "step": meta["step"], "scheduler": sched.state_dict(),
+                   "python_rng": random.getstate(), "world_size": D.world_size()}
+        with open(os.path.join(tmp, TRAINER), "w") as f:
+            json.dump(trainer, f, indent=2)
+    D.barrier()
+    if D.is_main():
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    D.barrier()
+
+
+def latest_checkpoint(folder: str) -> str | None:
+    """The checkpoint-N folder with the largest N in `folder` (complete by construction), or None."""
+    steps = [int(m.group(1)) for name in (os.listdir(folder) if os.path.isdir(folder) else ())
+             if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isfile(os.path.join(folder, name, TRAINER))]
+    return os.path.join(folder, f"checkpoint-{max(steps)}") if steps else None
+
+
+def resume_point(resume: str, out_dir: str) -> str | None:
+    """The checkpoint folder `--resume` names: "true" = the latest in out_dir (None when there is
+    none yet: the run starts fresh), else a checkpoint-N folder or a run folder (its latest)."""
+    if resume == "true":
+        return latest_checkpoint(out_dir)
+    if os.path.isfile(os.path.join(resume, TRAINER)):
+        return resume
+    found = latest_checkpoint(resume)
+    if found is None:
+        raise FileNotFoundError(f"resume={resume!r} is neither a training checkpoint (checkpoint-N with {TRAINER}) "
+                                f"nor a run folder holding one; pass --resume=true or a checkpoint folder")
+    return found
+
+
+def check_resumable(path: str, train_cfg, adapter_cfg) -> dict:
+    """The checkpoint's saved configuration, after checking that every field that changes the
+    computation equals the current run's; raises a one-line ValueError naming the first that differs."""
+    with open(os.path.join(path, CONFIG)) as f:
+        meta = json.load(f)
+    now = json.loads(json.dumps({"train": asdict(train_cfg), "adapter": asdict(adapter_cfg)}))
+    for section in ("train", "adapter"):
+        for name, value in now[section].items():
+            if section == "train" and name in RESUME_FREE:
+                continue
+            saved = meta[section].get(name)
+            if saved != value:
+                raise ValueError(f"cannot resume from {path!r}: {name} was {saved!r} there but is {value!r} now; "
+                                 f"pass --{name}={saved!r} or start a new out_dir")
+    return meta
+
+
+def load_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, path: str,
+                    device: torch.device) -> dict:
+    """Restore trainable parameters, optimizer, scheduler and RNG from checkpoint `path` (every rank
+    calls it); returns trainer.json (step, data position, counters)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    with open(os.path.join(path, TRAINER)) as f:
+        trainer = json.load(f)
+    state, options = _dcp_state(model, opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, checkpoint_id=os.path.join(path, STATE), no_dist=D.world_size() == 1)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+    sched.load_state_dict(trainer["scheduler"])
+    version, internal, gauss = trainer["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    rng_file = os.path.join(path, f"rng-rank{D.rank()}.safetensors")
+    if os.path.isfile(rng_file):  # absent when resuming on more ranks than were saved
+        rng = load_file(rng_file)
+        torch.set_rng_state(rng["cpu"])
+        if device.type == "cuda" and "cuda" in rng:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+    return trainer
 
 
 def find_adapter(path: str) -> str:

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from .checkpoint import save_adapter
+from .checkpoint import check_resumable, load_checkpoint, resume_point, save_adapter, save_checkpoint
 from .data import IGNORE_INDEX, batches, encode_rows, load_rows, split_rows
 from .evaluate import evaluate
 from .model import DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, merged, prepare_model
@@ -52,12 +52,16 @@ class TrainConfig:
         preset: "answerai-orca" for Answer.AI's Orca-Math protocol (seed 42, last 5,000 held out, first 500 scored).
         seed: seed for data order, adapter init and dropout.
         device: "auto" (CUDA when available), "cpu" or "cuda".
-        save_every: write an adapter checkpoint every N steps (0 = only at the end).
+        save_every: write a checkpoint (adapter + optimizer/scheduler/data/RNG state for --resume)
+            every N steps to out_dir/checkpoint-N (0 = only the final adapter).
         trust_remote_code: allow model code from the hub (off unless you trust the model).
         activation_checkpointing: recompute each decoder block's activations in backward instead
             of keeping them (less memory, ~30% more compute).
         cpu_offload: under torchrun (FSDP2), keep parameter shards, gradients and optimizer state
             in CPU memory and copy them to the GPU per block (bigger models, slower steps).
+        resume: continue from a checkpoint exactly where it stopped, writing into out_dir: true
+            (the latest out_dir/checkpoint-N; starts fresh if there is none) or a checkpoint-N or run
+            folder. Every setting that changes the computation must equal the checkpoint's.
     """
 
     model: str = DEFAULT_MODEL
@@ -83,8 +87,15 @@ class TrainConfig:
     trust_remote_code: bool = False
     activation_checkpointing: bool = False
     cpu_offload: bool = False
+    resume: str | None = None
 
     def __post_init__(self) -> None:
+        if self.resume is True or (isinstance(self.resume, str) and self.resume.lower() == "true"):
+            object.__setattr__(self, "resume", "true")
+        elif self.resume is False or (isinstance(self.resume, str) and self.resume.lower() in ("", "false", "none")):
+            object.__setattr__(self, "resume", None)
+        elif self.resume is not None and not isinstance(self.resume, str):
+            raise ValueError(f"resume must be true or a checkpoint folder, got {self.resume!r}")
         for name in ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -214,8 +225,12 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
                          "--nproc_per_node 1 for one GPU")
     device = D.init_from_env(cfg.device) if sharded else resolve_device(cfg.device)
     rank, world, main = D.rank(), D.world_size(), D.is_main()
+    say = tqdm.write if main else (lambda _: None)
+    resume_dir = resume_point(cfg.resume, cfg.out_dir) if cfg.resume else None
+    if resume_dir:
+        check_resumable(resume_dir, cfg, adapter)
     if main:
-        prepare_out_dir(cfg.out_dir)
+        prepare_out_dir(cfg.out_dir, resume=cfg.resume is not None)
     D.barrier()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -226,17 +241,26 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
     train_rows, held_out = split_rows(rows, cfg.eval_rows, cfg.seed, cfg.preset)
     examples, skipped = encode_rows(train_rows, tokenizer, cfg.max_length)
     if skipped:
-        tqdm.write(f"skipped {skipped} of {len(train_rows)} training examples longer than {cfg.max_length} tokens")
+        say(f"skipped {skipped} of {len(train_rows)} training examples longer than {cfg.max_length} tokens")
 
     model, call, summary = build_model(cfg, adapter, device, sharded)
-    tqdm.write(f"{adapter.method}: {summary}" + (f"; FSDP2 over {world} ranks" if sharded else ""))
+    say(f"{adapter.method}: {summary}" + (f"; FSDP2 over {world} ranks" if sharded else ""))
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW does not take DTensor shards; foreach gives the same update
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                             fused=not sharded and device.type in ("cuda", "cpu"))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup, cfg.steps))
     compute = DTYPES[adapter.compute_dtype]
+    position = {"epoch": 0, "consumed": 0, "tokens_seen": 0, "train_seconds": 0.0}
+    kept = []
+    if resume_dir:
+        position = load_checkpoint(model, opt, sched, resume_dir, device)
+        kept = kept_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), position["step"])
+        say(f"resuming from {resume_dir} at step {position['step']}")
+    first = position.get("step", 0) + 1
     metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") if main else None
+    for record in kept if main else ():
+        metrics.write(json.dumps(record) + "\n")
 
     def log(record: dict) -> None:
         if metrics is not None:
@@ -256,24 +280,24 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
                 result = call(evaluate, tokenizer, held_out, cfg.max_new_tokens, cfg.eval_batch_size, path)
         log({"step": step, "eval_accuracy": result["accuracy"], "eval_correct": result["correct"],
              "eval_n": result["n"]})
-        if main:
-            tqdm.write(f"step {step}: held-out exact match {result['correct']}/{result['n']} = "
-                       f"{result['accuracy']:.3f}")
+        say(f"step {step}: held-out exact match {result['correct']}/{result['n']} = {result['accuracy']:.3f}")
         return result["accuracy"]
 
     start = time.time()
-    acc_before = run_eval(0)
+    before = [r["eval_accuracy"] for r in kept if r.get("step") == 0 and "eval_accuracy" in r]
+    acc_before = before[0] if resume_dir and before else (float("nan") if resume_dir else run_eval(0))
     pad_id = tokenizer.pad_token_id
-    stream = global_batches(examples, cfg.batch_size, pad_id, cfg.seed)
-    epoch = 0
+    epoch, consumed = position["epoch"], position["consumed"]
+    stream = global_batches(examples, cfg.batch_size, pad_id, cfg.seed, epoch, consumed)
     model.train()
-    bar = tqdm(range(1, cfg.steps + 1), desc=f"train {adapter.method}", unit="step", disable=not main)
-    loss_value, train_time, tokens_seen = float("nan"), 0.0, 0
+    bar = tqdm(range(first, cfg.steps + 1), desc=f"train {adapter.method}", unit="step", disable=not main,
+               initial=first - 1, total=cfg.steps)
+    loss_value, train_time, tokens_seen = float("nan"), position["train_seconds"], position["tokens_seen"]
     for step in bar:
         t0 = time.time()
         micro = []
         for _ in range(cfg.grad_accum):
-            epoch, _consumed, b = next(stream)
+            epoch, consumed, b = next(stream)
             micro.append(b)
         n_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
         total = 0.0
@@ -303,7 +327,10 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
             run_eval(step)
             model.train()
         if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
-            save_adapter(model, os.path.join(cfg.out_dir, f"checkpoint-{step}"), _meta(cfg, adapter, step))
+            save_checkpoint(model, opt, sched, os.path.join(cfg.out_dir, f"checkpoint-{step}"),
+                            _meta(cfg, adapter, step), {"epoch": epoch, "consumed": consumed,
+                                                        "tokens_seen": tokens_seen, "train_seconds": train_time},
+                            device)
     acc_after = run_eval(cfg.steps)
     save_adapter(model, os.path.join(cfg.out_dir, "adapter"), _meta(cfg, adapter, cfg.steps))
     result = {"method": adapter.method, "accuracy_before": acc_before, "accuracy_after": acc_after,
@@ -320,6 +347,21 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
         tqdm.write(f"exact match {acc_before:.3f} -> {acc_after:.3f}; wrote {os.path.abspath(cfg.out_dir)}")
     D.barrier()
     return result
+
+
+def kept_metrics(path: str, step: int) -> list[dict]:
+    """The records of a resumed run's metrics.jsonl up to its checkpoint's step (later steps are
+    trained again)."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                pass
+    return [r for r in records if "step" in r and r["step"] <= step]
 
 
 def _meta(cfg: TrainConfig, adapter: AdapterConfig, step: int) -> dict:
