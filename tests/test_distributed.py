@@ -125,3 +125,44 @@ def test_nf4_bytes_are_sharded_and_survive_all_gather(tmp_path):
             assert got[dq]["same"], (r, dq)
             # each rank holds about half of the 4-bit base (rows split in two, padded to even)
             assert abs(got[dq]["local"] / got[dq]["total"] - 0.5) < 0.05 * 0.5, (r, got[dq])
+
+
+DYING_WORKER = textwrap.dedent("""
+    import os, sys
+    import torch.distributed as dist
+    import qdora.train
+    from qdora import distributed as D
+    from qdora.cli import main
+
+    D.init_from_env("cpu")
+    calls, loss = [0], qdora.train.answer_loss
+
+    def dying(model, batch):  # rank 1 dies during step 5, after checkpoint-3 was written
+        calls[0] += 1
+        if dist.get_rank() == 1 and calls[0] == 5:
+            print("rank 1: simulated crash", file=sys.stderr, flush=True)
+            os._exit(7)
+        return loss(model, batch)
+
+    qdora.train.answer_loss = dying
+    sys.exit(main(["train", *sys.argv[1:]]))
+""")
+
+
+def test_rank_death_fails_the_job_and_resume_continues(rows, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", *flags(rows, one, "qdora", 8, ["--save_every=3"])]) == 0
+    script = tmp_path / "dying.py"
+    script.write_text(DYING_WORKER)
+    proc = torchrun([str(script), *flags(rows, two, "qdora", 8, ["--save_every=3"])], tmp_path)
+    assert proc.returncode != 0
+    assert "simulated crash" in proc.stderr and "exitcode  : 7" in proc.stderr and "rank      : 1" in proc.stderr
+    # The last complete checkpoint is intact and loads as an adapter; nothing half-written is visible.
+    assert (two / "checkpoint-3").is_dir() and not (two / "checkpoint-6").exists()
+    model, _, meta = load_run(str(two / "checkpoint-3"))
+    assert meta["step"] == 3
+    proc = torchrun([LAUNCH, *flags(rows, two, "qdora", 8, ["--save_every=3", "--resume=true"])], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert len(b) == 8
+    torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=0)
