@@ -20,14 +20,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .dora import DoRALinear
-from .model import DTYPES, AdapterConfig, find_targets, prepare_model
+from .dora import DoRALinear, LoRALinear
+from .model import DTYPES, AdapterConfig, prepare_model
 from .nf4 import NF4Weight
 
 CONFIG_DIR = Path(__file__).with_name("configs")
@@ -123,17 +124,15 @@ def _shape_only_nf4():
         NF4Weight.quantize = real
 
 
-def meta_model(hf_config, adapter: AdapterConfig) -> tuple[torch.nn.Module, list[str]]:
-    """The prepared model (qdora.model.prepare_model) with every tensor on the meta device, and the
-    names of the adapted linear layers."""
+def meta_model(hf_config, adapter: AdapterConfig) -> torch.nn.Module:
+    """The prepared model (qdora.model.prepare_model) with every tensor on the meta device."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    names = find_targets(model, adapter.targets)
     with _shape_only_nf4():
         model, _ = prepare_model(model, adapter)
-    return model, names
+    return model
 
 
 def _nbytes(t: torch.Tensor, world_size: int = 1) -> int:
@@ -186,15 +185,15 @@ def _layer_dims(cfg) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
 
 
-def _block(s: _Saved, i: int, cfg, adapter: AdapterConfig, adapted: set[str], n: int, seq: int,
-           res_rg: bool) -> bool:
+def _block(s: _Saved, i: int, cfg, adapter: AdapterConfig, adapted: dict[tuple[int, str], int], n: int, seq: int,
+           res_rg: bool, device: str) -> bool:
     """Add the tensors decoder block i saves (n tokens, sequences of seq); returns whether its
     output requires grad."""
     ft = adapter.method == "ft"
     c = DTYPES[adapter.compute_dtype].itemsize
     rs = DTYPES[adapter.adapter_dtype].itemsize if ft else c  # residual stream (= model weights) dtype
     autocast = c != 4
-    r, drop = adapter.rank, adapter.dropout > 0
+    drop = adapter.dropout > 0
     dims = _layer_dims(cfg)
     h, nh = cfg.hidden_size, cfg.num_attention_heads
 
@@ -212,16 +211,16 @@ def _block(s: _Saved, i: int, cfg, adapter: AdapterConfig, adapted: set[str], n:
         key = f"{i}.{name}"
         if ft:  # nn.Linear under autocast: bf16 copies of input and weight
             s.add(f"{key}.xcast" if autocast and x_size != c else x, c * n * fin)
-            if x_rg and autocast:
+            if x_rg and autocast and rs != c:
                 s.add(f"{key}.wcast", c * fin * fout)
             return True
-        if name not in adapted:
+        if (i, name) not in adapted:
             return x_rg  # frozen linear: saves only its weight, which is a parameter
-        xd = x
+        r, xd = adapted[i, name], x
         if drop and r:
             xd = s.add(f"{key}.xdrop", c * n * fin)
-            if x_rg:
-                s.add(f"{key}.mask", n * fin)
+            if x_rg:  # CUDA's fused dropout keeps a bool mask; the CPU path a scaled mask in the input dtype
+                s.add(f"{key}.mask", (1 if device == "cuda" else c) * n * fin)
         if adapter.method == "qdora":  # _DoRAFunction: x, x_drop, A x, out, g (A, B, m are parameters)
             s.add(x, c * n * fin)
             s.add(xd, c * n * fin)
@@ -229,9 +228,12 @@ def _block(s: _Saved, i: int, cfg, adapter: AdapterConfig, adapted: set[str], n:
                 s.add(f"{key}.ax", c * n * r)
             s.add(f"{key}.out", c * n * fout)
             s.add(f"{key}.g", 4 * fout)
+            if not r:  # magnitude only: ||W0|| is recomputed (not cached) and saved
+                s.add(f"{key}.norm", 4 * fout)
         else:  # LoRA branch through autograd: x_d, bf16 copies of A and B, A x
             s.add(xd, c * n * fin)
-            s.add(f"{key}.Acast", c * r * fin)
+            if x_rg:  # mm keeps the cast A only to pass a gradient to x
+                s.add(f"{key}.Acast", c * r * fin)
             s.add(f"{key}.ax", c * n * r)
             s.add(f"{key}.Bcast", c * r * fout)
         return True
@@ -262,7 +264,8 @@ def _block(s: _Saved, i: int, cfg, adapter: AdapterConfig, adapted: set[str], n:
     return mid_rg or down_rg
 
 
-def activations(cfg, adapter: AdapterConfig, adapted: set[str], batch_size: int, seq_len: int) -> dict[str, int]:
+def activations(cfg, adapter: AdapterConfig, adapted: dict[tuple[int, str], int], batch_size: int, seq_len: int,
+                device: str = "cuda") -> dict[str, int]:
     """Saved-tensor bytes: `saved` without checkpointing; with it, `stored` (block inputs and what
     lies outside the blocks, kept all along) and `block` (one block's activations, recomputed in
     backward)."""
@@ -287,26 +290,29 @@ def activations(cfg, adapter: AdapterConfig, adapted: set[str], batch_size: int,
     full = _Saved()
     rg = ft
     for i in range(cfg.num_hidden_layers):
-        rg = _block(full, i, cfg, adapter, adapted, n, seq_len, rg)
+        rg = _block(full, i, cfg, adapter, adapted, n, seq_len, rg, device)
     outside(full, rg)
 
     stored = _Saved()
     for i in range(cfg.num_hidden_layers):
         stored.add(f"res{i}", rs * n * h)  # checkpoint inputs
     outside(stored, True)
-    one = _Saved()
-    _block(one, 1, cfg, adapter, adapted, n, seq_len, True)
-    return {"saved": full.total(), "stored": stored.total(), "block": one.total()}
+    block = 0
+    for i in range(cfg.num_hidden_layers):
+        one = _Saved()
+        _block(one, i, cfg, adapter, adapted, n, seq_len, True, device)
+        block = max(block, one.total())
+    return {"saved": full.total(), "stored": stored.total(), "block": block}
 
 
 def predict(hf_config, adapter: AdapterConfig, seq_len: int = 2048, batch_size: int = 1, world_size: int = 1,
-            checkpointing: bool = True, offload: bool = False, loss_chunk: int = 1024) -> dict:
+            checkpointing: bool = True, offload: bool = False, loss_chunk: int = 1024, device: str = "cuda") -> dict:
     """Per-rank peak memory in bytes by category, for the GPU and (with offload) the host.
 
     Returns {"gpu": {category: bytes}, "host": {category: bytes}, "gpu_total", "host_total" (per
     rank), "host_all_ranks", "activations": {saved, stored, block}, "trainable": parameter count}.
     """
-    model, names = meta_model(hf_config, adapter)
+    model = meta_model(hf_config, adapter)
     ws = world_size
     fsdp = ws > 1 or offload
     gpu = dict.fromkeys(CATEGORIES, 0)
@@ -322,8 +328,12 @@ def predict(hf_config, adapter: AdapterConfig, seq_len: int = 2048, batch_size: 
     dora = [m for m in model.modules() if isinstance(m, DoRALinear)]
     gpu["adapters"] += sum(4 * m.out_features for m in dora if m.rank)  # cached detached norm
 
-    adapted = {n.rsplit(".", 1)[-1] for n in names} if adapter.method != "ft" else set()
-    acts = activations(hf_config, adapter, adapted, batch_size, seq_len)
+    adapted = {}  # (block index, projection name) -> rank, from the prepared model
+    for name, module in model.named_modules():
+        found = re.search(r"\.(\d+)\.(?:.*\.)?(\w+)$", name)
+        if isinstance(module, LoRALinear) and found:
+            adapted[int(found.group(1)), found.group(2)] = module.rank
+    acts = activations(hf_config, adapter, adapted, batch_size, seq_len, device)
     gpu["activations"] = acts["stored"] + acts["block"] if checkpointing else acts["saved"]
 
     c = DTYPES[adapter.compute_dtype].itemsize

@@ -10,7 +10,7 @@ from conftest import STORIES, need
 from qdora.cli import main
 from qdora.dora import DoRALinear
 from qdora.memory import SHIPPED, MemoryConfig, load_config, memory, predict
-from qdora.model import AdapterConfig, prepare_model
+from qdora.model import DTYPES, AdapterConfig, prepare_model
 from qdora.nf4 import NF4Weight
 from qdora.train import answer_loss
 
@@ -58,7 +58,8 @@ def measure(hf_config, adapter: AdapterConfig, checkpointing: bool) -> dict[str,
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        compute = DTYPES[adapter.compute_dtype]
+        with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32):  # as qdora.train does
             loss = answer_loss(model, batch)
     caches = {m._norm_cache[1].untyped_storage().data_ptr() for m in model.modules()
               if isinstance(m, DoRALinear) and m._norm_cache is not None}
@@ -77,13 +78,19 @@ def close(pred: int, meas: int) -> bool:
     return abs(pred - meas) <= TOL * meas
 
 
-@pytest.mark.parametrize("method", ["qdora", "qlora", "ft"])
-def test_prediction_matches_measured(method):
+CASES = [("qdora", {}), ("qlora", {}), ("ft", {}),
+         ("qdora", dict(dropout=0.1, targets="q_proj,v_proj,down_proj", magnitude_only="v_proj")),
+         ("qlora", dict(dropout=0.1, double_quant=False)), ("ft", dict(adapter_dtype="bfloat16")),
+         ("qdora", dict(compute_dtype="float32", targets="layers.1.self_attn.q_proj,mlp.up_proj"))]
+
+
+@pytest.mark.parametrize("method,options", CASES)
+def test_prediction_matches_measured(method, options):
     hf_config = LlamaConfig(**TINY)
-    adapter = AdapterConfig(method=method, rank=8)
+    adapter = AdapterConfig(method=method, rank=8, **options)
     got = measure(hf_config, adapter, checkpointing=False)
     got_ckpt = measure(hf_config, adapter, checkpointing=True)
-    pred = predict(hf_config, adapter, seq_len=T, batch_size=B, checkpointing=False)
+    pred = predict(hf_config, adapter, seq_len=T, batch_size=B, checkpointing=False, device="cpu")
     rows = {k: (pred["gpu"][k], got[k]) for k in got if k != "activations"}
     rows["activations (no checkpointing)"] = (pred["activations"]["saved"], got["activations"])
     rows["activations kept under checkpointing"] = (pred["activations"]["stored"], got_ckpt["activations"])
@@ -99,7 +106,7 @@ def test_stories260k_activations_and_weights():
     hf_config = load_config(str(path))
     adapter = AdapterConfig(method="qdora", rank=4)
     got = measure(hf_config, adapter, checkpointing=False)
-    pred = predict(hf_config, adapter, seq_len=T, batch_size=B)
+    pred = predict(hf_config, adapter, seq_len=T, batch_size=B, device="cpu")
     for key in ("nf4_weights", "nf4_scales", "frozen_weights", "adapters", "gradients", "optimizer"):
         assert close(pred["gpu"][key], got[key]), (key, pred["gpu"][key], got[key])
     assert close(pred["activations"]["saved"], got["activations"])
@@ -154,3 +161,40 @@ def test_config_errors_and_cli(tmp_path, capsys):
                  "--checkpointing", "false"]) == 0
     out = capsys.readouterr().out
     assert "mistral-7b: qlora" in out and "total per rank" in out
+
+
+@pytest.mark.parametrize("method", ["qdora", "ft"])
+def test_fsdp2_shards_match_prediction(method):
+    """Rank 0 of 3 under qdora.distributed.shard_model (a fake process group, no communication):
+    its parameters, buffers, gradients and AdamW state against the predicted per-rank bytes."""
+    import torch.distributed as dist
+    fake_pg = pytest.importorskip("torch.testing._internal.distributed.fake_pg")
+    from qdora.distributed import local_tensor, shard_model
+
+    hf_config, adapter, ws = LlamaConfig(**TINY), AdapterConfig(method=method, rank=8), 3
+    dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=0, world_size=ws)
+    try:
+        model, _ = prepare_model(AutoModelForCausalLM.from_config(hf_config).float(), adapter)
+        root = shard_model(model)
+        ids = torch.randint(0, hf_config.vocab_size, (B, T))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = root(answer_loss, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        loss.backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-3)
+        opt.step()
+    finally:
+        dist.destroy_process_group()
+
+    def unique_bytes(tensors) -> int:
+        return sum({local_tensor(t).untyped_storage().data_ptr(): local_tensor(t).untyped_storage().nbytes()
+                    for t in tensors}.values())
+
+    caches = [m._norm_cache[1] for m in model.modules() if isinstance(m, DoRALinear) and m._norm_cache]
+    pred = predict(hf_config, adapter, seq_len=T, batch_size=B, world_size=ws)["gpu"]
+    weights = sum(pred[k] for k in ("nf4_weights", "nf4_scales", "frozen_weights", "adapters"))
+    assert weights == unique_bytes([*model.parameters(), *model.buffers(), *caches])
+    assert pred["gradients"] == unique_bytes(p.grad for p in params)
+    assert pred["optimizer"] == unique_bytes(t for s in opt.state.values() for t in s.values())
+    whole = predict(hf_config, adapter, seq_len=T, batch_size=B)["gpu"]
+    assert weights < sum(whole[k] for k in ("nf4_weights", "nf4_scales", "frozen_weights", "adapters")) / 2.5
