@@ -197,4 +197,5 @@ def test_fsdp2_shards_match_prediction(method):
     assert pred["gradients"] == unique_bytes(p.grad for p in params)
     assert pred["optimizer"] == unique_bytes(t for s in opt.state.values() for t in s.values())
     whole = predict(hf_config, adapter, seq_len=T, batch_size=B)["gpu"]
-    assert weights < sum(whole[k] for k in ("nf4_weights", "nf4_scales", "frozen_weights", "adapters")) / 2.5
+    sharded = "adapters" if method == "ft" else "nf4_weights"  # the bulk of the weights, split over 3 ranks
+    assert whole[sharded] / 3 <= pred[sharded] < whole[sharded] / 2.5
