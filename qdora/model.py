@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import re
 from contextlib import contextmanager
@@ -58,12 +59,14 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {METHODS}")
-        if not isinstance(self.rank, int) or self.rank <= 0:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
-        if not self.alpha > 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            raise ValueError(f"alpha must be a positive finite number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.double_quant, bool):
+            raise ValueError(f"double_quant must be true or false, got {self.double_quant!r}")
         for name in ("targets", "magnitude_only"):
             value = getattr(self, name)
             if isinstance(value, str):  # from the command line: "q_proj,v_proj"
@@ -82,7 +85,7 @@ class AdapterConfig:
         if self.norm_mode not in NORM_MODES:
             raise ValueError(f"norm_mode {self.norm_mode!r} is not one of {NORM_MODES}")
         if self.blocksize not in BLOCKSIZES:
-            raise ValueError(f"blocksize {self.blocksize} is not one of {BLOCKSIZES}")
+            raise ValueError(f"blocksize {self.blocksize!r} is not one of {BLOCKSIZES}")
         for name in ("adapter_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {tuple(DTYPES)}")
@@ -127,12 +130,19 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.bfloat16, trust_rem
     """Load a causal LM by local path or hub id (remote code off unless asked)."""
     from transformers import AutoModelForCausalLM
 
+    from safetensors import SafetensorError
+
     path, extra = resolve_model(name_or_path)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      **extra)
     except OSError as exc:
-        raise FileNotFoundError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from None
+        where = ("pass a complete local model folder" if os.path.isdir(path) else
+                 "pass a local model folder, or a hub id that is cached or reachable")
+        raise FileNotFoundError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}; {where}") from None
+    except SafetensorError as exc:
+        raise ValueError(f"the weights of model {name_or_path!r} cannot be read ({exc}); the safetensors file is "
+                         f"corrupt or truncated: download or copy the model again") from None
     return model.to(device)
 
 
@@ -141,7 +151,14 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path, extra = resolve_model(name_or_path)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0].rstrip(": ") if str(exc).strip() else type(exc).__name__
+        where = ("the folder needs the model's tokenizer files (tokenizer.json, or tokenizer.model with "
+                 "tokenizer_config.json): copy them from the original model" if os.path.isdir(path) else
+                 "pass a local model folder, or a hub id that is cached or reachable")
+        raise FileNotFoundError(f"cannot load the tokenizer of model {name_or_path!r} ({first}); {where}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
