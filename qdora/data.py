@@ -7,9 +7,12 @@ training examples are (input_ids, labels) pairs with the loss on the answer toke
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -57,13 +60,59 @@ def _first_split(loaded, source: str) -> datasets.Dataset:
                      f"point at the one file or folder you want")
 
 
+@contextmanager
+def _quiet_datasets():
+    """No progress bar or log line from `datasets` while it reads a local file: the read takes
+    seconds, and a failure is reported as our own one-line error (its log line would repeat it)."""
+    bars, level = datasets.is_progress_bar_enabled(), datasets.utils.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(datasets.utils.logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets.utils.logging.set_verbosity(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a .json/.jsonl file stops being valid: its first bad line, or None if every line parses."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        return f"is not UTF-8 text (byte {exc.start})"
+    if text.lstrip().startswith("["):  # one JSON document, not JSON Lines
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as exc:
+            return f"is not valid JSON (line {exc.lineno}: {exc.msg})"
+        return None
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                json.loads(line)
+            except json.JSONDecodeError as exc:
+                return f"line {number} is not valid JSON ({exc.msg})"
+    return None
+
+
 def _from_path(path: Path) -> datasets.Dataset:
     try:
-        return _read_path(path)
+        with _quiet_datasets():
+            return _read_path(path)
     except (StopIteration, IndexError, ValueError, datasets.exceptions.DatasetGenerationError) as exc:
-        if isinstance(exc, ValueError) and "corresponds to no data" not in str(exc):
+        if isinstance(exc, (StopIteration, IndexError)) or "corresponds to no data" in str(exc):
+            raise ValueError(f"{str(path)!r} has 0 rows; point at a non-empty data set") from None
+        if not isinstance(exc, datasets.exceptions.DatasetGenerationError):
             raise
-        raise ValueError(f"{str(path)!r} has 0 rows; point at a non-empty data set") from None
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix.lower() in BUILDERS)
+        for file in files:
+            problem = _json_problem(file) if BUILDERS.get(file.suffix.lower()) == "json" else None
+            if problem:
+                raise ValueError(f"data file {str(file)!r} {problem}; fix or remove that line") from None
+        cause = exc.__cause__ or exc
+        raise ValueError(f"cannot read data {str(path)!r} ({type(cause).__name__}: {str(cause).splitlines()[0]}); "
+                         f"the file is corrupt or not in the format its extension says") from None
 
 
 def _read_path(path: Path) -> datasets.Dataset:
@@ -128,7 +177,29 @@ def load_rows(source: str, question_field: str = "question", answer_field: str =
     ds = ds.rename_columns(renames) if renames else ds
     if len(ds) == 0:
         raise ValueError(f"{source!r} has 0 rows; point at a non-empty data set")
-    return ds
+    return _as_text(ds, source, {"question": question_field, "answer": answer_field})
+
+
+def _usable(value) -> bool:
+    if isinstance(value, str):
+        return bool(value.strip())
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _as_text(ds: datasets.Dataset, source: str, names: dict[str, str]) -> datasets.Dataset:
+    """`ds` with every question and answer as non-empty text: numbers (an answer column of ints)
+    become text; an empty, null, NaN/Inf or non-scalar value is an error naming its row."""
+    columns = {name: list(ds[name]) for name in names}
+    for name, values in columns.items():
+        for row, value in enumerate(values):
+            if not _usable(value):
+                what = f"no {names[name]} (null, NaN or missing)" if value is None else f"{names[name]}={value!r}"
+                raise ValueError(f"{source!r} row {row + 1} has {what}; every row needs a non-empty text (or finite "
+                                 f"number) {names[name]}: fix or remove that row")
+    if all(isinstance(v, str) for values in columns.values() for v in values):
+        return ds
+    return datasets.Dataset.from_dict({name: [v if isinstance(v, str) else str(v) for v in values]
+                                       for name, values in columns.items()})
 
 
 def split_rows(ds: datasets.Dataset, eval_rows: int, seed: int,
@@ -193,6 +264,10 @@ def encode_rows(ds: datasets.Dataset, tokenizer, max_length: int) -> tuple[list[
     """Encoded examples of every row no longer than `max_length` tokens, and how many were skipped."""
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2 tokens, got {max_length}")
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit < 10**9 and max_length > limit:  # huge values mean "no limit known"
+        raise ValueError(f"max_length={max_length} is beyond the model's {limit} tokens (its tokenizer's "
+                         f"model_max_length); pass --max_length={limit} or less")
     examples, skipped, longest = [], 0, 0
     for question, answer in zip(ds["question"], ds["answer"]):
         ids, labels = encode_example(tokenizer, question, answer)
