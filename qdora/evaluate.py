@@ -120,8 +120,10 @@ def generate(model: nn.Module, tokenizer, prompts: list[str], max_new_tokens: in
         for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
             ids = [encode_prompt(tokenizer, p) for p in prompts[start:start + batch_size]]
             enc = tokenizer.pad({"input_ids": ids}, padding=True, return_tensors="pt").to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, top_p=None,
-                                 top_k=None, temperature=None, pad_token_id=tokenizer.pad_token_id)
+            # The budget as max_length (prompts are left-padded to one length): many models' generation
+            # configs set max_length, and max_new_tokens beside it makes transformers warn on every call.
+            out = model.generate(**enc, max_length=enc["input_ids"].shape[1] + max_new_tokens, do_sample=False,
+                                 top_p=None, top_k=None, temperature=None, pad_token_id=tokenizer.pad_token_id)
             new = out[:, enc["input_ids"].shape[1]:]
             outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally:
@@ -199,13 +201,32 @@ class EvalConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        from .data import PRESETS
+
         if not os.path.isdir(self.run):
             raise FileNotFoundError(f"run folder {self.run!r} does not exist; pass a `qdora train` output folder")
         for name in ("max_new_tokens", "batch_size"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if self.eval_rows is not None and (not isinstance(self.eval_rows, int) or self.eval_rows < 1):
             raise ValueError(f"eval_rows must be a positive integer, got {self.eval_rows!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"unknown split preset {self.preset!r}; choose one of {sorted(PRESETS)} or leave it out")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device=cuda but no CUDA device is visible; use --device cpu")
+        if self.out is not None:
+            folder = os.path.dirname(os.path.abspath(self.out))
+            if os.path.isdir(self.out):
+                raise ValueError(f"out {self.out!r} is a folder; pass a file path such as {self.out}/predictions.jsonl")
+            parent = folder
+            while not os.path.exists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+                raise ValueError(f"out {self.out!r} cannot be written ({parent!r} is not a writable folder); "
+                                 f"pass another path")
 
 
 def quantize_dense(model: nn.Module, blocksize: int = 64, double_quant: bool = True,
@@ -220,6 +241,24 @@ def quantize_dense(model: nn.Module, blocksize: int = 64, double_quant: bool = T
             w.copy_(NF4Weight.quantize(w, blocksize, double_quant).dequantize(w.dtype))
 
 
+def read_run_config(run: str) -> dict:
+    """The saved configuration of a run ({"step", "train", "adapter"}), with a clear error when it is
+    not valid JSON or lacks a section."""
+    from .checkpoint import CONFIG, find_adapter
+
+    path = os.path.join(find_adapter(run), CONFIG)
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path!r} is not valid JSON ({exc}); the checkpoint is corrupt: train the run again "
+                         f"or restore the file") from None
+    missing = [k for k in ("train", "adapter") if not isinstance(meta, dict) or not isinstance(meta.get(k), dict)]
+    if missing:
+        raise ValueError(f"{path!r} has no {missing[0]!r} section; it was not written by `qdora train`")
+    return meta
+
+
 def eval_run(cfg: EvalConfig) -> dict:
     """Exact match of a trained run (merged for speed) on its held-out problems or on `cfg.data`."""
     from .checkpoint import load_run
@@ -228,16 +267,22 @@ def eval_run(cfg: EvalConfig) -> dict:
     from .train import resolve_device
 
     device = resolve_device(cfg.device)
-    model, tokenizer, meta = load_run(cfg.run, device)
+    # Everything that can be checked without the model is checked first: the run's configuration,
+    # --nf4 against its method, the data and the split.
+    meta = read_run_config(cfg.run)
     train_cfg, adapter = meta["train"], meta["adapter"]
-    if cfg.nf4:
-        if adapter["method"] != "ft":
-            raise ValueError(f"--nf4 quantizes a fully fine-tuned model; this run used method={adapter['method']}")
-        quantize_dense(model, adapter["blocksize"], adapter["double_quant"], tuple(adapter["targets"]))
+    if cfg.nf4 and adapter["method"] != "ft":
+        raise ValueError(f"--nf4 quantizes a fully fine-tuned model; this run used method={adapter['method']} "
+                         f"(leave --nf4 out, or pass a method=ft run)")
     rows = load_rows(cfg.data or train_cfg["data"])
     eval_rows = cfg.eval_rows if cfg.eval_rows is not None else train_cfg["eval_rows"]
     preset = cfg.preset if cfg.preset is not None else train_cfg["preset"]
     _, held_out = split_rows(rows, eval_rows, train_cfg["seed"], preset)
+    if len(held_out) == 0:
+        raise ValueError(f"run {cfg.run!r} held out no rows (eval_rows=0); pass --eval_rows=N")
+    model, tokenizer, meta = load_run(cfg.run, device)
+    if cfg.nf4:
+        quantize_dense(model, adapter["blocksize"], adapter["double_quant"], tuple(adapter["targets"]))
     out = cfg.out or os.path.join(cfg.run, f"predictions_eval{'_nf4' if cfg.nf4 else ''}.jsonl")
     compute = DTYPES[adapter["compute_dtype"]]
     with torch.autocast(device.type, dtype=compute, enabled=compute != torch.float32), merged(model, compute):
