@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import BinaryIO, TextIO
 
-from .model import METHODS, AdapterConfig
+from .data import load_rows, split_rows
+from .model import METHODS, AdapterConfig, resolve_model
 from .train import DEFAULT_LR, TrainConfig, prepare_out_dir
 
 # Flags of TrainConfig/AdapterConfig that compare sets per method itself.
 PER_METHOD = ("out_dir", "method", "lr")
+ERROR = "qdora: error: "  # how cli.main starts the one line it prints for a bad input
 
 
 @dataclass(frozen=True)
@@ -46,8 +50,10 @@ class CompareConfig:
             raise ValueError(f"methods {list(self.methods)} must be a non-empty subset of {METHODS}")
         for m in METHODS:
             lr = getattr(self, f"{m}_lr")
-            if not 0 < lr < 1:
-                raise ValueError(f"{m}_lr must be in (0, 1), got {lr!r}")
+            if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not 0 < lr < 1:
+                raise ValueError(f"{m}_lr must be a number in (0, 1), got {lr!r}")
+        if not isinstance(self.ft_nf4, bool):
+            raise ValueError(f"ft_nf4 must be true or false, got {self.ft_nf4!r}")
 
 
 def _flags(*configs) -> list[str]:
@@ -65,9 +71,40 @@ def _flags(*configs) -> list[str]:
 
 
 def _run(args: list[str], what: str) -> None:
-    proc = subprocess.run([sys.executable, "-m", "qdora.cli", *args])
-    if proc.returncode:
-        raise RuntimeError(f"{what} failed (exit {proc.returncode}); its error is printed above")
+    """`qdora ARGS` in a fresh interpreter (an argument list, no shell). -P keeps a source checkout's
+    kernels/ folder from shadowing the PyPI `kernels` package that bitsandbytes imports. Its stderr
+    (progress bars) passes through live; its one error line becomes this command's error."""
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "qdora.cli", *args], stderr=subprocess.PIPE)
+    error = _relay(proc.stderr, sys.stderr)
+    if proc.wait():
+        raise RuntimeError(f"{what} failed: {error}" if error else
+                           f"{what} failed (exit {proc.returncode}); its output is above")
+
+
+def _relay(src: BinaryIO, dst: TextIO) -> str | None:
+    """Copy `src` to `dst` as it arrives, except a line starting with ERROR, whose text is returned."""
+    decode, pending, error = codecs.getincrementaldecoder("utf-8")("replace").decode, "", None
+    while True:
+        chunk = src.read1(1 << 16)
+        *lines, pending = (pending + decode(chunk, final=not chunk)).split("\n")
+        if not chunk:
+            lines.append(pending)  # the last piece, with no newline after it
+        for n, line in enumerate(lines):
+            before, found, message = line.partition(ERROR)
+            error = message.strip() if found else error
+            dst.write(before + ("\n" if (before or not found) and (chunk or n < len(lines) - 1) else ""))
+        if not chunk:
+            dst.flush()
+            return error
+        # Hold back only what may be the start of an error line: tqdm's carriage-return updates
+        # carry no newline and must show as they come.
+        keep = pending.find(ERROR)
+        if keep < 0:
+            keep = next((i for i in range(max(0, len(pending) - len(ERROR) + 1), len(pending))
+                         if ERROR.startswith(pending[i:])), len(pending))
+        dst.write(pending[:keep])
+        dst.flush()
+        pending = pending[keep:]
 
 
 def _curves(run_dir: str) -> tuple[list, list, list]:
@@ -86,6 +123,8 @@ def _curves(run_dir: str) -> tuple[list, list, list]:
 def compare(cc: CompareConfig, tc: TrainConfig, ac: AdapterConfig) -> dict:
     """Train each method in its own process (so peak memory is its own), score FT then NF4, and
     write compare.md (table) and compare.png (loss and held-out accuracy curves)."""
+    resolve_model(tc.model)  # bad model paths and data fail here, before any process starts
+    split_rows(load_rows(tc.data), tc.eval_rows, tc.seed, tc.preset)
     prepare_out_dir(cc.out_dir)
     shared = _flags(tc, ac)
     rows = {}
