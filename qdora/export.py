@@ -12,6 +12,7 @@ Everything is written to a temporary folder next to out_dir and renamed when com
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -216,8 +217,12 @@ def base_tensors_loaded(base: str, trust_remote_code: bool):
 
 def as_trained(t: torch.Tensor, adapter: AdapterConfig) -> torch.Tensor:
     """A base tensor as training held it: load_model reads float32, prepare_model casts to the
-    compute dtype (before NF4 quantization for adapted weights)."""
-    return t.to(torch.float32).to(DTYPES[adapter.compute_dtype]) if t.is_floating_point() else t
+    compute dtype (before NF4 quantization for adapted weights). One cast, no float32 copy, when
+    that is the same rounding (from float32, or already in the compute dtype)."""
+    if not t.is_floating_point():
+        return t
+    compute = DTYPES[adapter.compute_dtype]
+    return t.to(compute) if t.dtype in (torch.float32, compute) else t.to(torch.float32).to(compute)
 
 
 def adapted_layer(weight: torch.Tensor, parts: dict[str, torch.Tensor], adapter: AdapterConfig) -> LoRALinear:
@@ -271,10 +276,15 @@ class ShardWriter:
         self.size = self.total = 0
         self.shards: list[list[str]] = []
 
-    def add(self, key: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
+    def make_room(self, nbytes: int) -> None:
+        """Write the buffer out now if a tensor of `nbytes` will not fit (called before that tensor
+        is computed, so the full buffer and the tensor's working set never coexist)."""
         if self.buffer and self.size + nbytes > self.max_bytes:
             self.flush()
+
+    def add(self, key: str, t: torch.Tensor) -> None:
+        nbytes = t.numel() * t.element_size()
+        self.make_room(nbytes)
         self.buffer[key] = t.contiguous()
         self.size += nbytes
         self.total += nbytes
@@ -297,6 +307,17 @@ class ShardWriter:
                       f, indent=2)
 
 
+def _return_freed_memory() -> None:
+    """Ask glibc to serve allocations of 1 MiB and more by mmap, so each freed layer-sized
+    temporary goes back to the OS at once. By default glibc raises its mmap threshold after such
+    frees (up to 32 MiB) and keeps later blocks in a heap that only grows, so streaming hundreds
+    of layers would ratchet the resident size up. Process-wide; a no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _write_merged(run: Run, cfg: ExportConfig, tmp: str) -> None:
     keys, tensors, model = base_tensors(run.base, cfg.trust_remote_code)
     ft = run.adapter.method == "ft"
@@ -310,8 +331,10 @@ def _write_merged(run: Run, cfg: ExportConfig, tmp: str) -> None:
         raise ValueError(f"base {run.base!r} has no {missing[:3]} ({len(missing)} missing) that the "
                          f"{run.adapter.method} run {run.folder!r} adapted; pass the --base it was trained on")
     dtype = DTYPES[cfg.dtype]
+    _return_freed_memory()
     writer = ShardWriter(tmp, parse_size(cfg.max_shard_size))
     for key, t in tqdm(tensors, total=len(keys), desc="export", unit="tensor"):
+        writer.make_room(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()))
         if key in modules:
             _check_shapes(key, t, modules[key], run.base)
             out = merge_weight(t, modules[key], run.adapter, cfg.against).to(dtype)
@@ -319,12 +342,11 @@ def _write_merged(run: Run, cfg: ExportConfig, tmp: str) -> None:
             if run.tensors[key].shape != t.shape:
                 raise ValueError(f"ft tensor {key} has shape {tuple(run.tensors[key].shape)} but base {run.base!r} "
                                  f"has {tuple(t.shape)}; pass the --base the run was trained on")
-            out = run.tensors[key].to(dtype, copy=True)
+            out = run.tensors[key].to(dtype)
         elif t.is_floating_point():
-            src = t if cfg.against == "original" or ft else as_trained(t, run.adapter)
-            out = src.to(dtype, copy=True)
+            out = (t if cfg.against == "original" or ft else as_trained(t, run.adapter)).to(dtype)
         else:
-            out = t.clone()
+            out = t
         writer.add(key, out)
         del t, out
     writer.close()
