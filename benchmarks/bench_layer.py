@@ -1,7 +1,8 @@
-"""One training step (forward + backward + AdamW) of our QDoRA, our QLoRA and PEFT's QDoRA, side by side.
+"""One training step (forward + backward + AdamW) of our QDoRA and QLoRA and PEFT's QDoRA and QLoRA, side by side.
 
 The same small Llama (random weights), the same NF4 bytes, rank 16 on every linear layer but the head,
-batch 2 x 256 tokens. Time: the three models step in turn inside one process, median of --repeats,
+batch 2 x 256 tokens. PEFT runs on bitsandbytes `Linear4bit` layers holding our NF4 bytes; its QLoRA
+is a reference row (how fast the same library's plain LoRA is). Time: the four models step in turn inside one process, median of --repeats,
 so machine noise hits all of them alike. Memory: each configuration also runs alone in a fresh
 subprocess, which reports its peak resident set size during two training steps (the kernel's
 high-water mark is reset after the model is built) and that peak minus the resident size just before
@@ -29,7 +30,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from qdora.model import AdapterConfig, adapter_layers, prepare_model
 
-CONFIGS = ("qdora", "qlora", "peft-qdora")
+CONFIGS = ("qdora", "qlora", "peft-qdora", "peft-qlora")
 
 
 def build(name: str, args) -> torch.nn.Module:
@@ -40,7 +41,7 @@ def build(name: str, args) -> torch.nn.Module:
     model = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
     method = "qlora" if name == "qlora" else "qdora"
     model, _ = prepare_model(model, AdapterConfig(method=method, rank=args.rank, alpha=2.0 * args.rank))
-    if name == "peft-qdora":
+    if name.startswith("peft-"):
         from peft import LoraConfig, get_peft_model
 
         layers = adapter_layers(model)
@@ -49,7 +50,7 @@ def build(name: str, args) -> torch.nn.Module:
             setattr(model.get_submodule(parent), child, layer.weight.to_linear4bit(torch.bfloat16))
         targets = sorted({q.rsplit(".", 1)[-1] for q in layers})
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                                                 target_modules=targets, use_dora=True))
+                                                 target_modules=targets, use_dora=name == "peft-qdora"))
     return model.to(args.device).train()
 
 
@@ -117,8 +118,11 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
     p.add_argument("--memory-only", choices=CONFIGS, help=argparse.SUPPRESS)  # the subprocess mode
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_only:
         print(json.dumps(measure_memory(args.memory_only, args)))
         return
@@ -141,23 +145,25 @@ def main() -> None:
     for name in CONFIGS:
         cmd = [sys.executable, __file__, "--memory-only", name] + [
             f"--{k}={getattr(args, k)}" for k in ("layers", "hidden", "intermediate", "vocab", "rank", "batch",
-                                                  "seq", "device")]
+                                                  "seq", "device", "threads")]
         memory[name] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
                                   .strip().splitlines()[-1])
     med = {n: statistics.median(t) for n, t in times.items()}
     print(f"Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocab {args.vocab}, "
-          f"rank {args.rank}, batch {args.batch}x{args.seq}, {args.device}, bf16 compute, median of {args.repeats}\n")
-    print("| config | step s | peak memory MB | added by training MB |")
-    print("| --- | --- | --- | --- |")
+          f"rank {args.rank}, batch {args.batch}x{args.seq}, {args.device} ({torch.get_num_threads()} threads), bf16 compute, median of {args.repeats}\n")
+    print("| config | step s (median) | step s (min) | peak memory MB | added by training MB |")
+    print("| --- | --- | --- | --- | --- |")
     for n in CONFIGS:
-        print(f"| {n} | {med[n]:.3f} | {memory[n]['peak_mb']:.0f} | {memory[n]['added_mb']:.0f} |")
+        print(f"| {n} | {med[n]:.3f} | {min(times[n]):.3f} | {memory[n]['peak_mb']:.0f} | {memory[n]['added_mb']:.0f} |")
     ratio = lambda a, b, key: memory[a][key] / memory[b][key]  # noqa: E731
     print(f"\nours QDoRA / ours QLoRA: time {med['qdora'] / med['qlora']:.3f} (target <= 1.10), "
           f"peak memory {ratio('qdora', 'qlora', 'peak_mb'):.3f} (target <= 1.05), "
           f"added memory {ratio('qdora', 'qlora', 'added_mb'):.3f}")
     print(f"ours QDoRA / PEFT QDoRA: time {med['qdora'] / med['peft-qdora']:.3f} (target <= 0.60), "
           f"peak memory {ratio('qdora', 'peft-qdora', 'peak_mb'):.3f}")
-    print(f"PEFT QDoRA / ours QLoRA: time {med['peft-qdora'] / med['qlora']:.3f}")
+    print(f"PEFT QDoRA / ours QLoRA: time {med['peft-qdora'] / med['qlora']:.3f}; "
+          f"PEFT QDoRA / PEFT QLoRA: time {med['peft-qdora'] / med['peft-qlora']:.3f}; "
+          f"ours QLoRA / PEFT QLoRA: time {med['qlora'] / med['peft-qlora']:.3f}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ KERNEL_BACKENDS = ("auto", "torch", "triton")
 # Squared row norms (of rows divided by their row scale) are clamped here before the square root:
 # a row of W0 + s*B@A that is all zeros gets norm 1e-6 instead of 0, so m / norm stays finite.
 NORM_EPS = 1e-12
+# Row chunk of W0 dequantized to float32 for W0 @ A^T on the PyTorch path (1 MiB: few calls, in cache).
+NORM_CHUNK_ELEMS = 1 << 18
 
 
 _optimizer_steps = 0
@@ -92,12 +94,11 @@ class LoRALinear(nn.Module):
         dtype = _compute_dtype(x)
         with torch.autocast(x.device.type, enabled=False):
             x = x.to(dtype)
-            out = nf4_linear(x, self.weight)
-            if self.rank:
-                out = out + self.scale * self._lora(x, dtype)
-            if self.bias is not None:
-                out = out + self._bias(dtype)
-        return out
+            if not self.rank:
+                out = nf4_linear(x, self.weight)
+                return out if self.bias is None else out + self._bias(dtype)
+            return _AdapterFunction.apply(x, self.dropout(x), self.lora_A, self.lora_B, None, None, self._bias(dtype),
+                                          self.weight, self.scale)
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
@@ -127,9 +128,9 @@ class DoRALinear(LoRALinear):
     ||W0||^2_row is a constant computed once and the rest needs only W0 @ A^T (out x r) and A @ A^T
     (r x r), accumulated in fp32 and clamped at NORM_EPS before the square root.
 
-    With g = m / ||V|| the output is composed as y = base + [(g - 1) * base + g * s * lora] with
-    base = x W0^T and lora = dropout(x) A^T B^T; the bracket is computed in fp32, so when g = 1 and
-    B = 0 the output equals the NF4 base output bit for bit.
+    With g = m / ||V|| (fp32) the output is y = base + (g - 1) * base + dropout(x) A^T (diag(g) s B)^T
+    with base = x W0^T, in one in-place pass and one addmm (see _AdapterFunction), so when g = 1
+    and B = 0 the output equals the NF4 base output bit for bit.
 
     norm_mode="detached" (default, paper section 4.3) treats ||V|| as a constant in backward: the
     gradient reaches A and B only through the numerator. The norm then changes only when A or B
@@ -181,8 +182,7 @@ class DoRALinear(LoRALinear):
 
     def _norm_detached(self, dense: torch.Tensor | None = None) -> torch.Tensor:
         """||V||_row in fp32, no graph; recomputed only after an optimizer step or an in-place edit.
-        `dense`, when given, is W0 already dequantized for this forward: reused instead of a second
-        dequantization."""
+        `dense`, when given, is W0 already dequantized for this forward, reused for W0 @ A^T."""
         if not self.rank:
             return self._norm_from_wa(None, None, None)
         norm = self._cached_norm()
@@ -199,8 +199,16 @@ class DoRALinear(LoRALinear):
         return norm
 
     def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
-        """Factored row norm in fp32, W0 @ A^T taken over row chunks (never an out x in fp32 copy)."""
-        return self._norm_from_wa(torch.cat([w @ A.T for _, w in self.weight.row_chunks(dense)]), A, B)
+        """Factored row norm in fp32 (A and B given in fp32). W0 @ A^T is one matmul on `dense` (W0 in
+        the compute dtype, from this forward) when given: fp32 accumulation, each of the out x r
+        results rounded once to that dtype (a relative 2^-9 on the cross term in bf16, ~3e-5 on the
+        norm, far under bf16's own rounding). Otherwise it runs over float32 row chunks dequantized
+        from NF4, each small enough to stay in cache (never an out x in fp32 copy)."""
+        if dense is not None:
+            wa = (dense @ A.to(dense.dtype).T).float()
+        else:
+            wa = torch.cat([w @ A.T for _, w in self.weight.row_chunks(chunk_elems=NORM_CHUNK_ELEMS)])
+        return self._norm_from_wa(wa, A, B)
 
     def _norm_from_wa(self, wa: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor:
         """c * sqrt(max(||W0/c||^2 + 2s (B/c).(W0 A^T / c) + s^2 (B/c)(A A^T)(B/c)^T, eps)), c = row_scale."""
@@ -224,11 +232,9 @@ class DoRALinear(LoRALinear):
             x_drop = self.dropout(x) if self.rank else x
             dense = None
             if self.rank and self._cached_norm() is None and not _use_triton(x.device):
-                # dequantize once for both the norm and the output
-                dense = self.weight.dequantize(dtype)
-            return _DoRAFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude,
-                                       self._norm_detached(dense), self._bias(dtype), self.weight, self.scale,
-                                       dense)
+                dense = self.weight.dequantize(dtype)  # one dequantization for the norm and the output
+            return _AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude,
+                                          self._norm_detached(dense), self._bias(dtype), self.weight, self.scale, dense)
 
     def _forward_exact(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         A, B = self.lora_A.float(), self.lora_B.float()
@@ -250,14 +256,26 @@ class DoRALinear(LoRALinear):
         return super().extra_repr() + f", norm_mode={self.norm_mode}"
 
 
-class _DoRAFunction(torch.autograd.Function):
-    """Detached-norm DoRA forward/backward that saves only what QLoRA saves plus the output.
+class _AdapterFunction(torch.autograd.Function):
+    """QLoRA and detached-norm QDoRA on an NF4 base, with at most one pass over the activations.
 
-    out = base + [(g-1) base + g s lora] + bias, g = m / norm, base = x W0^T, lora = (x_d A^T) B^T.
-    Backward needs y = base + s*lora for dL/dm; it is recovered as (out - bias) / g instead of
-    being stored, and the output tensor is often saved by the next op anyway (attention's v, the
-    MLP's gate and up). For rows with g < G_RECOMPUTE, where that division loses precision to the
-    cancellation in the stable form, y is recomputed from x and those rows of W0.
+        QLoRA  out =     x W0^T + s (x_d A^T) B^T  + bias
+        QDoRA  out = g * (x W0^T + s (x_d A^T) B^T) + bias,   g = m / ||V|| (float32, detached)
+
+    Forward: base = x W0^T; QDoRA then scales it in place as base + (g - 1) * base (one pass,
+    float32 arithmetic inside the kernel, g - 1 in the compute dtype: rounding g - 1 rather than g
+    keeps g = 1 exact and costs a relative 2^-9 of g - 1 only); the low-rank product is accumulated
+    into the output by addmm with diag(g) s B (float32, rounded once), so it is never a separate
+    (tokens x out) tensor. Backward folds g into the NF4 block scales instead: bitsandbytes
+    dequantizes diag(g) W0 directly (float32 product, one rounding), so grad @ diag(g) W0 is one
+    matmul, and the two input-gradient branches are summed by addmm. `dense` is W0 when the caller
+    already dequantized it (for the norm). Saved: x (and x_d), A x, and
+    for QDoRA the output and g; W0 is dequantized again in backward, never kept.
+
+    dL/dm = sum_t grad * y / ||V|| needs y = x W0^T + s lora; it is recovered as (out - bias) / g
+    rather than stored (the output is often saved by the next op anyway: attention's v, the MLP's
+    gate and up). For rows with |g| < G_RECOMPUTE, where that division loses precision, y is
+    recomputed from x and those rows of W0.
     """
 
     G_RECOMPUTE = 0.5
@@ -266,18 +284,18 @@ class _DoRAFunction(torch.autograd.Function):
     def forward(ctx, x, x_drop, A, B, m, norm, bias, weight: NF4Weight, scale: float,  # type: ignore[override]
                 dense: torch.Tensor | None = None):
         dtype = x.dtype
-        base = x @ (weight.dequantize(dtype) if dense is None else dense).T
-        g = m.float() / norm
-        delta = (g - 1) * base.float()
+        g = None if m is None else m.float() / norm
+        out = x @ (weight.dequantize(dtype) if dense is None else dense).T
+        if g is not None:
+            out.addcmul_(out, (g - 1).to(dtype))
         ax = None
         if A is not None:
             ax = x_drop @ A.to(dtype).T
-            delta = delta + (g * scale) * (ax @ B.to(dtype).T).float()
-        out = base + delta.to(dtype)
+            out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), _scaled_B(B, g, scale, dtype).T)
         if bias is not None:
-            out = out + bias
-        ctx.weight, ctx.scale = weight, scale
-        ctx.save_for_backward(x, x_drop, A, B, m, norm, bias, ax, out, g)
+            out.add_(bias)
+        ctx.weight, ctx.scale, ctx.drop_is_x = weight, scale, x_drop is x
+        ctx.save_for_backward(x, x_drop, A, B, m, norm, bias, ax, None if m is None else out, g)
         return out
 
     @staticmethod
@@ -285,28 +303,43 @@ class _DoRAFunction(torch.autograd.Function):
         x, x_drop, A, B, m, norm, bias, ax, out, g = ctx.saved_tensors
         scale, weight, dtype = ctx.scale, ctx.weight, grad.dtype
         lead = grad.shape[:-1]
-        grad2, out2 = grad.reshape(-1, grad.shape[-1]), out.reshape(-1, out.shape[-1])
-        if bias is not None:
-            out2 = out2 - bias
-        # dL/dm = sum_t grad * y / norm with y = out / g: the product in the compute dtype (one pass),
-        # the sum over tokens accumulated in fp32.
-        grad_g = torch.sum(grad2 * out2, 0, dtype=torch.float32) / torch.where(g == 0, 1.0, g)
-        bad = (g.abs() < _DoRAFunction.G_RECOMPUTE).nonzero().squeeze(1)
-        if bad.numel():
-            grad_g[bad] = (grad2[:, bad].float() * _recompute_rows(x, ax, B, weight, bad, scale)).sum(0)
-        grad_m = (grad_g / norm).to(m.dtype)
-        grad_x = grad_A = grad_B = grad_xd = None
+        grad2 = grad.reshape(-1, grad.shape[-1])
+        grad_x = grad_xd = grad_A = grad_B = grad_m = None
         if ctx.needs_input_grad[0]:
-            grad_x = ((grad2 * g.to(dtype)) @ weight.dequantize(dtype)).view(*lead, -1)
+            grad_x = grad2 @ _dequantize(weight, dtype, g)
         if A is not None:
-            gl = grad2 * (g * scale).to(dtype)
-            axf = ax.reshape(-1, ax.shape[-1])
-            grad_B = (gl.T @ axf).to(B.dtype)
-            grad_ax = gl @ B.to(dtype)
+            grad_ax = grad2 @ _scaled_B(B, g, scale, dtype)
+            row_factor = scale if g is None else (g * scale)[:, None]
+            grad_B = ((grad2.T @ ax.reshape(-1, ax.shape[-1])).float() * row_factor).to(B.dtype)
             grad_A = (grad_ax.T @ x_drop.reshape(-1, x_drop.shape[-1])).to(A.dtype)
-            if ctx.needs_input_grad[1]:
+            if ctx.drop_is_x and grad_x is not None:
+                grad_x.addmm_(grad_ax, A.to(dtype))  # both branches' input gradients in one sum
+            elif ctx.needs_input_grad[1]:
                 grad_xd = (grad_ax @ A.to(dtype)).view(*lead, -1)
+        if grad_x is not None:
+            grad_x = grad_x.view(*lead, -1)
+        if m is not None and ctx.needs_input_grad[4]:
+            out2 = out.reshape(-1, out.shape[-1])
+            if bias is not None:
+                out2 = out2 - bias
+            # dL/dm = sum_t grad * y / norm with y = out / g: the product in the compute dtype (one
+            # pass), the sum over tokens accumulated in fp32.
+            grad_g = torch.sum(grad2 * out2, 0, dtype=torch.float32) / torch.where(g == 0, 1.0, g)
+            bad = (g.abs() < _AdapterFunction.G_RECOMPUTE).nonzero().squeeze(1)
+            if bad.numel():
+                grad_g[bad] = (grad2[:, bad].float() * _recompute_rows(x, ax, B, weight, bad, scale)).sum(0)
+            grad_m = (grad_g / norm).to(m.dtype)
         return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None, None
+
+
+def _dequantize(weight: NF4Weight, dtype: torch.dtype, g: torch.Tensor | None) -> torch.Tensor:
+    """W0, or diag(g) W0 with g (float32, per row) folded into the block scales, in `dtype`."""
+    return weight.dequantize(dtype) if g is None else weight.dequantize(dtype, scales=weight.scales() * g[:, None])
+
+
+def _scaled_B(B: torch.Tensor, g: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """s B, or diag(g) s B, computed in float32 and rounded once to `dtype`."""
+    return (B.float() * (scale if g is None else (g * scale)[:, None])).to(dtype)
 
 
 def _recompute_rows(x, ax, B, weight: NF4Weight, rows: torch.Tensor, scale: float) -> torch.Tensor:
