@@ -7,6 +7,10 @@ subprocess which reads ru_maxrss right after its imports (baseline) and after th
 
     python -P benchmarks/bench_export.py                       # ~330 MB bf16 base, 100MB shards
     python -P benchmarks/bench_export.py --layers 16 --shard 200MB
+    python -P benchmarks/bench_export.py --against     # merged onto NF4 vs onto the original (~3-7 min)
+
+--against trains QDoRA briefly on stories260K (float32 checkpoint) with GSM8K rows and compares the
+two float32 merged exports: logits, and answer-token loss on the training rows and on held-out rows.
 
 The base and a QDoRA run with random nonzero adapters are built once under --work (kept).
 """
@@ -60,6 +64,82 @@ save_adapter(model, os.path.join(work, "run", "adapter"),
 """
 
 
+def answer_nll(model, tokenizer, rows) -> float:
+    """Mean next-token loss on the answer tokens of (question, answer) rows, prompted as in training."""
+    import torch
+
+    from qdora.data import encode_rows
+
+    examples, _ = encode_rows(rows, tokenizer, 512)
+    total = count = 0
+    with torch.no_grad():
+        for ids, labels in examples:
+            logits = model(torch.tensor([ids])).logits[0, :-1].float()
+            target = torch.tensor(labels[1:])
+            keep = target != -100
+            total += torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum").item()
+            count += int(keep.sum())
+    return total / count
+
+
+def against_demo(work: str, steps: int) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qdora.cli import main as qdora
+    from qdora.data import load_rows
+    from qdora.export import ExportConfig, export
+    from qdora.model import AdapterConfig, find_targets
+    from qdora.nf4 import NF4Weight
+
+    torch.manual_seed(0)
+    stories, gsm = "/work/shared/data/stories260K", "/work/shared/data/gsm8k/train.jsonl"
+    work = os.path.join(work, "against")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    lines = [line for line in open(gsm).read().splitlines() if len(line) < 330]
+    for name, part in (("train", lines[:64]), ("held", lines[64:96])):
+        with open(os.path.join(work, f"{name}.jsonl"), "w") as f:
+            f.write("\n".join(part) + "\n")
+    run = os.path.join(work, "run")
+    assert qdora(["train", f"--model={stories}", f"--data={work}/train.jsonl", f"--out_dir={run}", f"--steps={steps}",
+                  "--batch_size=8", "--eval_rows=0", "--lr=1e-2", "--warmup=2", "--max_length=512", "--rank=8"]) == 0
+    models = {}
+    for against in ("nf4", "original"):
+        export(ExportConfig(run=run, out_dir=os.path.join(work, against), dtype="float32", against=against))
+        models[f"merged onto {against}"] = AutoModelForCausalLM.from_pretrained(os.path.join(work, against),
+                                                                                dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32)
+    models["base original"] = base
+    nf4 = AutoModelForCausalLM.from_pretrained(stories, dtype=torch.float32)
+    with torch.no_grad():
+        for name in find_targets(nf4, AdapterConfig().targets):
+            w = nf4.get_submodule(name).weight
+            w.copy_(NF4Weight.quantize(w.to(torch.bfloat16)).dequantize())
+    models["base nf4"] = nf4
+    tok = AutoTokenizer.from_pretrained(stories)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    train_rows, held = load_rows(f"{work}/train.jsonl"), load_rows(f"{work}/held.jsonl")
+    from qdora.data import encode_rows
+
+    examples = encode_rows(held, tok, 512)[0][:8]
+    with torch.no_grad():  # logits over 8 held-out examples, concatenated
+        logits = {k: torch.cat([m(torch.tensor([ids])).logits[0].double() for ids, _ in examples])
+                  for k, m in models.items()}
+
+    def rel(a, b):
+        return ((logits[a] - logits[b]).norm() / logits[b].norm()).item()
+
+    print(f"QDoRA rank 8, {steps} steps on 64 GSM8K rows, stories260K (float32 base, bf16 compute)")
+    print(f"rel logit diff, merged onto original vs onto nf4: {rel('merged onto original', 'merged onto nf4'):.4f}")
+    print(f"rel logit diff, base original vs base nf4:        {rel('base original', 'base nf4'):.4f}")
+    print(f"rel logit diff, merged onto nf4 vs base nf4:      {rel('merged onto nf4', 'base nf4'):.4f}")
+    print("| model | answer loss, 64 training rows | answer loss, 32 held-out rows |")
+    print("|---|---|---|")
+    for k, m in models.items():
+        print(f"| {k} | {answer_nll(m, tok, train_rows):.4f} | {answer_nll(m, tok, held):.4f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="/tmp/qdora_bench_export")
@@ -68,7 +148,11 @@ def main() -> None:
     p.add_argument("--intermediate", type=int, default=2816)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--shard", default="100MB")
+    p.add_argument("--against", action="store_true", help="compare merging onto NF4 vs onto the original base")
+    p.add_argument("--steps", type=int, default=60, help="training steps of the --against run")
     args = p.parse_args()
+    if args.against:
+        return against_demo(args.work, args.steps)
     shape = f"{args.layers}-{args.hidden}-{args.intermediate}-{args.vocab}"
     work = os.path.join(args.work, shape)
     if not os.path.isdir(os.path.join(work, "run")):
