@@ -35,7 +35,8 @@ TENSORS, CONFIG = "adapter.safetensors", "qdora_config.json"
 STATE, TRAINER = "state", "trainer.json"
 # TrainConfig fields that may change on --resume: they do not change what is computed.
 RESUME_FREE = frozenset({"out_dir", "resume", "eval_every", "eval_batch_size", "max_new_tokens", "merge_for_eval",
-                         "save_every", "device", "trust_remote_code", "activation_checkpointing", "cpu_offload"})
+                         "save_every", "device", "trust_remote_code", "activation_checkpointing", "cpu_offload",
+                         "low_memory_load"})
 
 
 def save_adapter(model: torch.nn.Module, path: str, meta: dict) -> None:

@@ -102,21 +102,42 @@ class Root(nn.Module):
         return fn(self.model, *args, **kwargs)
 
 
+def _policies(cpu_offload: bool) -> dict:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
+
+    return {"mp_policy": MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32),
+            "offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload
+            else OffloadPolicy()}
+
+
+def _sum_gradients(unit) -> None:
+    # Each rank's loss is a share of the global sum: sum the gradient shards instead of averaging.
+    unit.set_gradient_divide_factor(1.0)
+    unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
+
+
+def shard_block(block: nn.Module, cpu_offload: bool = False) -> None:
+    """Make one decoder block an FSDP2 unit (its parameters become this rank's row shards)."""
+    from torch.distributed.fsdp import fully_shard
+
+    _sum_gradients(fully_shard(block, **_policies(cpu_offload)))
+
+
+def shard_root(model: nn.Module, cpu_offload: bool = False) -> Root:
+    """The FSDP2 root unit over what the blocks left (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    root = fully_shard(Root(model), **_policies(cpu_offload))
+    _sum_gradients(root)
+    return root
+
+
 def shard_model(model: nn.Module, cpu_offload: bool = False) -> Root:
     """FSDP2: one unit per decoder block plus the root; shards `model` in place (its parameter
     names do not change) and returns the Root to call it through."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-
-    mp = MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32)
-    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
     for block in decoder_blocks(model):
-        fully_shard(block, mp_policy=mp, offload_policy=offload)
-    root = fully_shard(Root(model), mp_policy=mp, offload_policy=offload)
-    # Each rank's loss is a share of the global sum: sum the gradient shards instead of averaging.
-    for unit in (*decoder_blocks(model), root):
-        unit.set_gradient_divide_factor(1.0)
-        unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
-    return root
+        shard_block(block, cpu_offload)
+    return shard_root(model, cpu_offload)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from .checkpoint import check_resumable, load_checkpoint, resume_point, save_ada
 from .data import IGNORE_INDEX, batches, encode_rows, load_rows, split_rows
 from .evaluate import evaluate
 from .model import DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, merged, prepare_model
+from .streaming import load_prepared
 
 # Learning rates used when --lr is not given: adapters tolerate (and need) much larger steps than
 # the dense weights of full fine-tuning.
@@ -62,6 +63,9 @@ class TrainConfig:
         resume: continue from a checkpoint exactly where it stopped, writing into out_dir: true
             (the latest out_dir/checkpoint-N; starts fresh if there is none) or a checkpoint-N or run
             folder. Every setting that changes the computation must equal the checkpoint's.
+        low_memory_load: for qdora/qlora on a local safetensors folder, build the model on the meta
+            device and quantize the checkpoint tensor by tensor (peak host memory ~ the 4-bit model
+            plus one layer; same bytes as the ordinary load); false: load it dense, then quantize.
     """
 
     model: str = DEFAULT_MODEL
@@ -88,6 +92,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     cpu_offload: bool = False
     resume: str | None = None
+    low_memory_load: bool = True
 
     def __post_init__(self) -> None:
         if self.resume is True or (isinstance(self.resume, str) and self.resume.lower() == "true"):
@@ -199,15 +204,32 @@ def global_batches(examples, batch_size: int, pad_id: int, seed: int, epoch: int
 
 def build_model(cfg: TrainConfig, adapter: AdapterConfig, device: torch.device, sharded: bool):
     """The prepared model on `device`, sharded with FSDP2 when `sharded`. Returns (model, call,
-    summary), where call(fn, *args) runs fn(model, *args) (through the FSDP2 root when sharded)."""
-    model = load_model(cfg.model, torch.float32, cfg.trust_remote_code)
-    torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, not on what loading drew
-    model, summary = prepare_model(model, adapter)
+    summary), where call(fn, *args) runs fn(model, *args) (through the FSDP2 root when sharded).
+
+    With low_memory_load, a local safetensors folder is streamed (qdora.streaming: bit-identical
+    to the ordinary load) and, sharded, each block is sharded as soon as it is built."""
+    blocks_sharded = False
+
+    def on_block(block: torch.nn.Module) -> None:
+        nonlocal blocks_sharded
+        blocks_sharded = True
+        D.shard_block(block.to(device), cfg.cpu_offload)
+
+    got = None
+    if cfg.low_memory_load:
+        got = load_prepared(cfg.model, adapter, cfg.seed, cfg.trust_remote_code, on_block if sharded else None)
+    if got is None:
+        model = load_model(cfg.model, torch.float32, cfg.trust_remote_code)
+        torch.manual_seed(cfg.seed)  # adapter init depends on the seed only, not on what loading drew
+        model, summary = prepare_model(model, adapter)
+    else:
+        model, summary = got
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)
     if sharded:
-        return model, D.shard_model(model, cfg.cpu_offload), summary
+        root = D.shard_root(model, cfg.cpu_offload) if blocks_sharded else D.shard_model(model, cfg.cpu_offload)
+        return model, root, summary
     return model, lambda fn, *args: fn(model, *args), summary
 
 

@@ -166,3 +166,34 @@ def test_rank_death_fails_the_job_and_resume_continues(rows, tmp_path):
     a, b = losses(one), losses(two)
     assert len(b) == 8
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("kw", [dict(method="qdora"), dict(method="qlora", double_quant=False),
+                                dict(method="qdora", targets="q_proj,mlp.down_proj", magnitude_only="q_proj")])
+def test_streaming_load_is_bit_identical(tmp_path, kw):
+    """A bf16 checkpoint in three safetensors shards (index file), untied head, q/k/v biases: the
+    streamed model equals load_model + prepare_model tensor for tensor, NF4 bytes and adapter init
+    included, and so do its logits."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from qdora.model import AdapterConfig, load_model, prepare_model
+    from qdora.streaming import load_prepared
+
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(tmp_path, max_shard_size="60KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    adapter = AdapterConfig(rank=4, **kw)
+    torch.manual_seed(5)
+    ref, ref_summary = prepare_model(load_model(str(tmp_path), torch.float32), adapter)
+    got, summary = load_prepared(str(tmp_path), adapter, seed=5)
+    a = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+    b = {**dict(got.named_parameters()), **dict(got.named_buffers())}
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert (summary.trainable, summary.total, summary.base_bytes) == (ref_summary.trainable, ref_summary.total,
+                                                                      ref_summary.base_bytes)
+    ids = torch.randint(0, 256, (2, 7))
+    assert torch.equal(ref(ids).logits, got(ids).logits)
+    assert load_prepared(str(tmp_path), AdapterConfig(method="ft"), seed=5) is None  # ft loads normally

@@ -1,0 +1,186 @@
+"""Low-memory loading: build the model on the meta device, then stream a safetensors checkpoint
+tensor by tensor, quantizing each target layer as it arrives.
+
+Peak host memory stays near the 4-bit model plus one layer in float32 (not the whole dense model),
+and under FSDP2 each decoder block is sharded as soon as it is complete, so a rank keeps only its
+shard. Every tensor goes through exactly the casts of `load_model(..., float32)` followed by
+`prepare_model` (checkpoint dtype -> float32 -> compute dtype), and each target layer is prepared
+by `prepare_model` itself, in the same order, so the NF4 bytes, adapter initializations and DoRA
+magnitudes are bit-identical to the ordinary load. Applies to local Hugging Face folders with
+*.safetensors weights and to qdora/qlora; anything else returns None and the caller loads normally.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import json
+import os
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from .model import (DTYPES, AdapterConfig, Summary, _matches, count_base_parameters, find_targets, prepare_model,
+                    resolve_model)
+from .nf4 import NF4Weight
+
+
+def safetensors_index(name_or_path: str) -> dict[str, str] | None:
+    """{tensor name: file} of a local safetensors folder, or None (GGUF, .bin, hub id)."""
+    path, extra = resolve_model(name_or_path)
+    if extra or not os.path.isdir(path):
+        return None
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    out = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            out.update({k: file for k in f.keys()})
+    return out
+
+
+def _read(index: dict[str, str], names: list[str]) -> dict[str, torch.Tensor]:
+    """Tensors by name, each file opened (memory-mapped) only while its tensors are copied out, so
+    the mapped pages of the whole checkpoint never stay resident together."""
+    from safetensors import safe_open
+
+    out, by_file = {}, {}
+    for n in names:
+        by_file.setdefault(index[n], []).append(n)
+    for file, keys in by_file.items():
+        with safe_open(file, framework="pt") as f:
+            for k in keys:
+                out[k] = f.get_tensor(k).to(torch.float32)  # what load_model(..., float32) holds
+    return out
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from .distributed import decoder_blocks
+
+    ids = {id(b) for b in decoder_blocks(model)}
+    return [(n, m) for n, m in model.named_modules() if id(m) in ids]
+
+
+def load_prepared(name_or_path: str, cfg: AdapterConfig, seed: int, trust_remote_code: bool = False,
+                  on_block: Callable[[nn.Module], None] | None = None) -> tuple[nn.Module, Summary] | None:
+    """The model `prepare_model(load_model(name_or_path, float32), cfg)` gives (with the global RNG
+    seeded with `seed` just before the first adapter), built by streaming; None when streaming does
+    not apply. `on_block(block)` is called on each decoder block as soon as it is complete."""
+    if cfg.method not in ("qdora", "qlora"):
+        return None
+    index = safetensors_index(name_or_path)
+    if index is None:
+        return None
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path, _ = resolve_model(name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    compute = DTYPES[cfg.compute_dtype]
+    with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # as from_pretrained does (tied input/output embeddings share one Parameter)
+    targets = find_targets(model, cfg.targets)
+    for pattern in cfg.magnitude_only:
+        if not any(_matches(n, pattern) for n in targets):
+            raise ValueError(f"magnitude_only pattern {pattern!r} matches none of the target layers")
+    in_targets = {f"{n}.{leaf}" for n in targets for leaf in ("weight", "bias")}
+    aliases: dict[int, list[tuple[nn.Module, str, str]]] = {}  # every name of each non-target parameter
+    for full, p in model.named_parameters(remove_duplicate=False):
+        if full in in_targets:
+            continue
+        owner, _, leaf = full.rpartition(".")
+        aliases.setdefault(id(p), []).append((model.get_submodule(owner), leaf, full))
+    stored = {id_: [full for _, _, full in uses if full in index] for id_, uses in aliases.items()}
+    if any(not names for names in stored.values()):
+        return None  # a parameter under another name than in the checkpoint: let from_pretrained map it
+    for module in model.modules():  # prepare_model's model.to(compute) casts the buffers too
+        for k, b in module._buffers.items():
+            if b is not None and b.is_floating_point():
+                module._buffers[k] = b.to(compute)
+    blocks, done = _blocks(model), set()
+
+    def fill(prefix: str) -> None:
+        """Load every still-empty parameter under `prefix` (all of them for prefix "")."""
+        todo = [(id_, uses) for id_, uses in aliases.items()
+                if any(full.startswith(prefix) for _, _, full in uses) and uses[0][0]._parameters[uses[0][1]].is_meta]
+        for id_, uses in todo:  # one at a time: an embedding matrix in float32 is a big layer
+            p = nn.Parameter(_read(index, stored[id_][:1])[stored[id_][0]].to(compute), requires_grad=False)
+            for module, leaf, _ in uses:
+                module._parameters[leaf] = p
+            _trim()
+
+    def finish_blocks_before(name: str | None) -> None:
+        for prefix, block in blocks:
+            if prefix in done:
+                continue
+            if name is not None and (name.startswith(prefix + ".") or not _before(prefix, name)):
+                return
+            fill(prefix + ".")
+            done.add(prefix)
+            if on_block is not None:
+                on_block(block)
+
+    torch.manual_seed(seed)
+    for name in targets:
+        finish_blocks_before(name)
+        parent_name, _, child = name.rpartition(".")
+        linear = model.get_submodule(name)
+        keys = [name + ".weight"] + ([name + ".bias"] if linear.bias is not None else [])
+        tensors = _read(index, keys)
+        holder = _holder(name, linear.in_features, linear.out_features, tensors)
+        mag = (name,) if any(_matches(name, p) for p in cfg.magnitude_only) else ()
+        holder, _ = prepare_model(holder, replace(cfg, targets=(name,), magnitude_only=mag))
+        setattr(model.get_submodule(parent_name), child, holder.get_submodule(name))
+        del holder, tensors
+        _trim()
+    finish_blocks_before(None)
+    fill("")
+    model.eval()  # from_pretrained returns eval mode
+    summary = Summary(adapted=targets)
+    summary.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    summary.total = count_base_parameters(model)
+    summary.base_bytes = sum(m.nbytes() for m in model.modules() if isinstance(m, NF4Weight))
+    return model, summary
+
+
+def _trim() -> None:
+    """Give freed heap memory back to the system (glibc): without it, the float32 temporaries of
+    successive layers fragment the heap and the resident size grows by about a layer per layer."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def _before(prefix: str, name: str) -> bool:
+    """Whether module `prefix` comes before module `name` in the model (numbers compared as numbers)."""
+    key = lambda s: [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in s.split(".")]  # noqa: E731
+    return key(prefix) < key(name)
+
+
+def _holder(name: str, in_f: int, out_f: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    """A module tree holding only the linear `name` (same dotted path, so every target pattern
+    matches it as it matches in the full model) with the checkpoint's tensors."""
+    root = nn.Module()
+    parent = root
+    parts = name.split(".")
+    for part in parts[:-1]:
+        child = nn.Module()
+        parent.add_module(part, child)
+        parent = child
+    linear = nn.Linear(in_f, out_f, bias=name + ".bias" in tensors, device="meta")
+    linear.weight = nn.Parameter(tensors[name + ".weight"])
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(tensors[name + ".bias"])
+    parent.add_module(parts[-1], linear)
+    return root
