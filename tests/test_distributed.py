@@ -57,11 +57,14 @@ def merged_weights(out) -> dict[str, torch.Tensor]:
     return {n: layer.merged_weight() for n, layer in adapter_layers(model).items()}
 
 
-@pytest.mark.parametrize("method", ["qdora", "qlora"])
-def test_two_ranks_match_one_rank(rows, tmp_path, method):
+@pytest.mark.parametrize("method,extra", [
+    ("qdora", []), ("qlora", []),
+    # the dense load then sharding, per-block activation checkpointing, parameters/optimizer on the CPU
+    ("qdora", ["--low_memory_load=False", "--activation_checkpointing=True", "--cpu_offload=True"])])
+def test_two_ranks_match_one_rank(rows, tmp_path, method, extra):
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", *flags(rows, one, method)]) == 0
-    proc = torchrun([LAUNCH, *flags(rows, two, method)], tmp_path)
+    proc = torchrun([LAUNCH, *flags(rows, two, method, extra=extra)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = losses(one), losses(two)
     assert len(a) == len(b) == 9
@@ -197,3 +200,9 @@ def test_streaming_load_is_bit_identical(tmp_path, kw):
     ids = torch.randint(0, 256, (2, 7))
     assert torch.equal(ref(ids).logits, got(ids).logits)
     assert load_prepared(str(tmp_path), AdapterConfig(method="ft"), seed=5) is None  # ft loads normally
+
+
+def test_cpu_offload_without_torchrun_is_refused(rows, tmp_path, capsys):
+    assert main(["train", *flags(rows, tmp_path / "run", "qdora", extra=["--cpu_offload=True"])]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "cpu_offload needs FSDP2" in err and "\n" not in err
