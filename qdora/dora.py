@@ -216,7 +216,8 @@ class DoRALinear(LoRALinear):
         if wa is not None:
             c = self.row_scale[:, None]
             Bc = B / c
-            n2 = n2 + 2 * self.scale * (Bc * (wa / c)).sum(1) + self.scale ** 2 * ((Bc @ (A @ A.T)) * Bc).sum(1)
+            # 2s Bc.(W0 A^T / c) + s^2 Bc (A A^T) Bc^T = 2s Bc.(W0 A^T / c + (s/2) Bc A A^T)
+            n2 = n2 + 2 * self.scale * torch.linalg.vecdot(Bc, torch.addmm(wa / c, Bc, A @ A.T, alpha=self.scale / 2))
         return self._unscale(n2)
 
     def _unscale(self, n2: torch.Tensor) -> torch.Tensor:
@@ -288,13 +289,14 @@ class _AdapterFunction(torch.autograd.Function):
         out = x @ (weight.dequantize(dtype) if dense is None else dense).T
         if g is not None:
             out.addcmul_(out, (g - 1).to(dtype))
-        ax = None
+        ax = Bs = None
         if A is not None:
             ax = x_drop @ A.to(dtype).T
-            out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), _scaled_B(B, g, scale, dtype).T)
+            Bs = _scaled_B(B, g, scale, dtype)
+            out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), Bs.T)
         if bias is not None:
             out.add_(bias)
-        ctx.weight, ctx.scale, ctx.drop_is_x = weight, scale, x_drop is x
+        ctx.weight, ctx.scale, ctx.drop_is_x, ctx.Bs = weight, scale, x_drop is x, Bs
         ctx.save_for_backward(x, x_drop, A, B, m, norm, bias, ax, None if m is None else out, g)
         return out
 
@@ -308,7 +310,7 @@ class _AdapterFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = grad2 @ _dequantize(weight, dtype, g)
         if A is not None:
-            grad_ax = grad2 @ _scaled_B(B, g, scale, dtype)
+            grad_ax = grad2 @ ctx.Bs
             row_factor = scale if g is None else (g * scale)[:, None]
             grad_B = ((grad2.T @ ax.reshape(-1, ax.shape[-1])).float() * row_factor).to(B.dtype)
             grad_A = (grad_ax.T @ x_drop.reshape(-1, x_drop.shape[-1])).to(A.dtype)
@@ -323,8 +325,12 @@ class _AdapterFunction(torch.autograd.Function):
             if bias is not None:
                 out2 = out2 - bias
             # dL/dm = sum_t grad * y / norm with y = out / g: the product in the compute dtype (one
-            # pass), the sum over tokens accumulated in fp32.
-            grad_g = torch.sum(grad2 * out2, 0, dtype=torch.float32) / torch.where(g == 0, 1.0, g)
+            # pass), the sum over tokens accumulated in fp32. With bf16 products and a bf16 m the
+            # sum's result is rounded to bf16 (one extra rounding; no fp32 copy of the product).
+            prod = grad2 * out2
+            bf16 = prod.dtype == m.dtype == torch.bfloat16
+            grad_g = prod.sum(0).float() if bf16 else prod.sum(0, dtype=torch.float32)
+            grad_g = grad_g / torch.where(g == 0, 1.0, g)
             bad = (g.abs() < _AdapterFunction.G_RECOMPUTE).nonzero().squeeze(1)
             if bad.numel():
                 grad_g[bad] = (grad2[:, bad].float() * _recompute_rows(x, ax, B, weight, bad, scale)).sum(0)
