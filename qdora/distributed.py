@@ -153,3 +153,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def local_bytes(model: nn.Module) -> int:
     """Bytes of parameters and buffers this rank holds."""
     return sum(local_tensor(t).numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def nf4_payload_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes this rank holds, bytes in all) of the NF4 payload: packed codes and block scales (the
+    small replicated double-quantization constants are not counted)."""
+    from .nf4 import NF4Weight
+
+    tensors = [t for m in model.modules() if isinstance(m, NF4Weight) for t in (m.packed, m.absmax)]
+    return (sum(local_tensor(t).numel() * t.element_size() for t in tensors),
+            sum(t.numel() * t.element_size() for t in tensors))

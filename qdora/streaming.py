@@ -75,11 +75,20 @@ def load_prepared(name_or_path: str, cfg: AdapterConfig, seed: int, trust_remote
     """The model `prepare_model(load_model(name_or_path, float32), cfg)` gives (with the global RNG
     seeded with `seed` just before the first adapter), built by streaming; None when streaming does
     not apply. `on_block(block)` is called on each decoder block as soon as it is complete."""
+    from safetensors import SafetensorError
+
     if cfg.method not in ("qdora", "qlora"):
         return None
-    index = safetensors_index(name_or_path)
-    if index is None:
-        return None
+    try:
+        index = safetensors_index(name_or_path)
+        return None if index is None else _stream(name_or_path, index, cfg, seed, trust_remote_code, on_block)
+    except SafetensorError as exc:  # the same message as load_model's
+        raise ValueError(f"the weights of model {name_or_path!r} cannot be read ({exc}); the safetensors file is "
+                         f"corrupt or truncated: download or copy the model again") from None
+
+
+def _stream(name_or_path: str, index: dict[str, str], cfg: AdapterConfig, seed: int, trust_remote_code: bool,
+            on_block: Callable[[nn.Module], None] | None) -> tuple[nn.Module, Summary] | None:
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 

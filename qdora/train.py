@@ -266,7 +266,9 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
         say(f"skipped {skipped} of {len(train_rows)} training examples longer than {cfg.max_length} tokens")
 
     model, call, summary = build_model(cfg, adapter, device, sharded)
-    say(f"{adapter.method}: {summary}" + (f"; FSDP2 over {world} ranks" if sharded else ""))
+    nf4_local, nf4_total = D.nf4_payload_bytes(model)
+    say(f"{adapter.method}: {summary}" + (f"; FSDP2 over {world} ranks, rank 0 holds {nf4_local / 2**20:.2f} of "
+                                          f"{nf4_total / 2**20:.2f} MiB of NF4 weights" if sharded else ""))
     params = [p for p in model.parameters() if p.requires_grad]
     # fused AdamW does not take DTensor shards; foreach gives the same update
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
@@ -360,7 +362,7 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
               "total_parameters": summary.total, "train_seconds": train_time,
               "wall_seconds": time.time() - start, "tokens": tokens_seen,
               "peak_memory_mb": peak_memory_mb(device), "lr": lr, "steps": cfg.steps, "skipped": skipped,
-              "world_size": world}
+              "world_size": world, "nf4_bytes": nf4_total, "nf4_bytes_rank0": nf4_local}
     log({"summary": result})
     if main:
         metrics.close()
