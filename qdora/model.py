@@ -62,9 +62,9 @@ class AdapterConfig:
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            raise ValueError(f"alpha must be a positive finite number, got {self.alpha!r}")
+            raise ValueError(f"alpha must be positive, got {self.alpha!r}; pass a finite number such as 32")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not isinstance(self.double_quant, bool):
             raise ValueError(f"double_quant must be true or false, got {self.double_quant!r}")
         for name in ("targets", "magnitude_only"):
@@ -122,6 +122,16 @@ def resolve_model(name_or_path: str) -> tuple[str, dict]:
                                 f"pass a local Hugging Face model folder or a hub id")
     if looks_local and not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model folder {name_or_path!r} has no config.json; pass a Hugging Face model folder")
+    if looks_local:  # opening reads the header and checks the file covers it: corrupt or truncated fails here
+        from safetensors import SafetensorError, safe_open
+
+        for file in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+            try:
+                with safe_open(os.path.join(path, file), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as exc:
+                raise ValueError(f"the weights of model {name_or_path!r} cannot be read ({file}: {exc}); the "
+                                 f"safetensors file is corrupt or truncated: download or copy the model again") from None
     return path, {}
 
 
