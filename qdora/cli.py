@@ -95,8 +95,9 @@ def _flag_values(name: str, args: list[str]) -> list[str]:
     given = [a[2:].partition("=")[0].replace("-", "_") for a in args if a.startswith("--") and a != "--help"]
     unknown = [f for f in dict.fromkeys(given) if f not in params]
     if unknown:
-        near = difflib.get_close_matches(unknown[0], params, n=1)
-        hint = f"did you mean --{near[0]}? " if near else ""
+        near = (difflib.get_close_matches(unknown[0], params, n=1)
+                or [f for f in params if f.endswith("_" + unknown[0])])  # --lr in compare: --qdora_lr, ...
+        hint = f"did you mean {' or '.join('--' + f for f in near)}? " if near else ""
         raise ValueError(f"unknown flag(s) {', '.join('--' + f for f in unknown)} for `qdora {name}`; {hint}"
                          f"see `qdora {name} --help`")
     out, flags, i = [], {}, 0

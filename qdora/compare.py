@@ -125,6 +125,8 @@ def compare(cc: CompareConfig, tc: TrainConfig, ac: AdapterConfig) -> dict:
     write compare.md (table) and compare.png (loss and held-out accuracy curves)."""
     resolve_model(tc.model)  # bad model paths and data fail here, before any process starts
     split_rows(load_rows(tc.data), tc.eval_rows, tc.seed, tc.preset)
+    if os.path.isdir(cc.out_dir) and os.listdir(cc.out_dir):  # compare cannot resume: no --resume hint
+        raise ValueError(f"out_dir {cc.out_dir!r} is not empty; pass a new folder or remove it")
     prepare_out_dir(cc.out_dir)
     shared = _flags(tc, ac)
     rows = {}
