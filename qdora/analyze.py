@@ -69,6 +69,8 @@ class AnalyzeConfig:
                 object.__setattr__(self, name, tuple(p for p in value.split(",") if p))
             elif isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        if not self.out_dir:
+            raise ValueError("out_dir is empty; pass the folder to write, e.g. --out_dir=analysis")
         if not self.tuned:
             raise ValueError("tuned is empty; pass one or more fine-tuned model folders, comma-separated")
         if self.labels and len(self.labels) != len(self.tuned):

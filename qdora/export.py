@@ -81,6 +81,8 @@ class ExportConfig:
         if self.against not in AGAINST:
             raise ValueError(f"against {self.against!r} is not one of {AGAINST}")
         parse_size(self.max_shard_size)
+        if not self.out_dir:
+            raise ValueError("out_dir is empty; pass the folder to write, e.g. --out_dir=merged")
         if not os.path.exists(self.run):
             raise FileNotFoundError(f"run {self.run!r} does not exist; pass a `qdora train` output folder "
                                     f"or a PEFT adapter folder")
@@ -338,6 +340,8 @@ def _write_merged(run: Run, cfg: ExportConfig, tmp: str) -> None:
         if key in modules:
             _check_shapes(key, t, modules[key], run.base)
             out = merge_weight(t, modules[key], run.adapter, cfg.against).to(dtype)
+            if dtype == torch.float16 and not torch.isfinite(out).all():
+                raise ValueError(f"merged {key} overflows float16; export with --dtype=bfloat16 or float32")
         elif ft and key in run.tensors:
             if run.tensors[key].shape != t.shape:
                 raise ValueError(f"ft tensor {key} has shape {tuple(run.tensors[key].shape)} but base {run.base!r} "
