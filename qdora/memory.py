@@ -35,6 +35,11 @@ CONFIG_DIR = Path(__file__).with_name("configs")
 SHIPPED = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 LLAMA_LIKE = ("llama", "mistral", "qwen2")
 GiB = 2**30
+# Gradients of activations alive at once in backward, beyond the saved tensors, fitted to CPU
+# measurements of whole training steps (tests/test_memory.py checks the resulting peaks):
+FINAL_NORM_GRADS = 4  # float32 (tokens x hidden) tensors in the final norm's backward
+WSET_INTER = 1.25  # (tokens x intermediate) tensors in the compute dtype in a decoder block's backward
+WSET_HIDDEN = 1.0  # float32 (tokens x hidden) tensors in a decoder block's backward
 CATEGORIES = {
     "nf4_weights": "4-bit weights (packed NF4)",
     "nf4_scales": "NF4 scales (absmax, absmax2, code2)",
@@ -221,21 +226,17 @@ def _block(s: _Saved, i: int, cfg, adapter: AdapterConfig, adapted: dict[tuple[i
             xd = s.add(f"{key}.xdrop", c * n * fin)
             if x_rg:  # CUDA's fused dropout keeps a bool mask; the CPU path a scaled mask in the input dtype
                 s.add(f"{key}.mask", (1 if device == "cuda" else c) * n * fin)
-        if adapter.method == "qdora":  # _DoRAFunction: x, x_drop, A x, out, g (A, B, m are parameters)
-            s.add(x, c * n * fin)
-            s.add(xd, c * n * fin)
-            if r:
-                s.add(f"{key}.ax", c * n * r)
+        # qdora.dora._AdapterFunction saves x, x_d and A x; QDoRA also the output and g (A, B, m
+        # and the bias are parameters)
+        s.add(x, c * n * fin)
+        s.add(xd, c * n * fin)
+        if r:
+            s.add(f"{key}.ax", c * n * r)
+        if adapter.method == "qdora":
             s.add(f"{key}.out", c * n * fout)
             s.add(f"{key}.g", 4 * fout)
             if not r:  # magnitude only: ||W0|| is recomputed (not cached) and saved
                 s.add(f"{key}.norm", 4 * fout)
-        else:  # LoRA branch through autograd: x_d, bf16 copies of A and B, A x
-            s.add(xd, c * n * fin)
-            if x_rg:  # mm keeps the cast A only to pass a gradient to x
-                s.add(f"{key}.Acast", c * r * fin)
-            s.add(f"{key}.ax", c * n * r)
-            s.add(f"{key}.Bcast", c * r * fout)
         return True
 
     hd, q, kv = dims["q_proj"][1] // nh, dims["q_proj"][1], dims["k_proj"][1]
@@ -302,31 +303,40 @@ def activations(cfg, adapter: AdapterConfig, adapted: dict[tuple[int, str], int]
         one = _Saved()
         _block(one, i, cfg, adapter, adapted, n, seq_len, True, device)
         block = max(block, one.total())
-    return {"saved": full.total(), "stored": stored.total(), "block": block}
+    tail = _Saved()
+    outside(tail, True)
+    return {"saved": full.total(), "stored": stored.total(), "block": block, "outside": tail.total()}
 
 
 def predict(hf_config, adapter: AdapterConfig, seq_len: int = 2048, batch_size: int = 1, world_size: int = 1,
             checkpointing: bool = True, offload: bool = False, loss_chunk: int = 1024, device: str = "cuda") -> dict:
-    """Per-rank peak memory in bytes by category, for the GPU and (with offload) the host.
+    """Per-rank memory in bytes by category at the predicted peak, on the GPU and (offload) the host.
 
-    Returns {"gpu": {category: bytes}, "host": {category: bytes}, "gpu_total", "host_total" (per
-    rank), "host_all_ranks", "activations": {saved, stored, block}, "trainable": parameter count}.
+    The step is split into phases (forward, loss backward, final-norm backward, decoder-block
+    backward); weights and optimizer state are present throughout, the rest per phase, and the peak
+    is the largest phase. Returns {"gpu": {category: bytes}, "host": {...}, "gpu_total",
+    "host_total" (per rank), "host_all_ranks", "phase", "phases": {phase: GPU bytes},
+    "activations": {saved, stored, block, outside}, "gradients" (all of them, this rank's shards),
+    "trainable": parameter count}.
+    `device` only matters for dropout masks (bool on CUDA, compute dtype on CPU).
     """
+    from .distributed import decoder_blocks
+
     model = meta_model(hf_config, adapter)
-    ws = world_size
-    fsdp = ws > 1 or offload
-    gpu = dict.fromkeys(CATEGORIES, 0)
-    host = dict.fromkeys(CATEGORIES, 0)
+    ws, fsdp = world_size, world_size > 1 or offload
+    gpu, host = dict.fromkeys(CATEGORIES, 0), dict.fromkeys(CATEGORIES, 0)
     kinds = tensor_kinds(model)
     for kind, tensors in kinds.items():
         for t, sharded in tensors:
             (host if sharded and offload else gpu)[kind] += _nbytes(t, ws if sharded else 1)
     trainable = [t for t, _ in kinds["adapters"] if t.requires_grad]
-    state = host if offload else gpu
-    state["gradients"] = sum(_nbytes(t, ws) for t in trainable)
-    state["optimizer"] = sum(2 * _nbytes(t, ws) + 4 for t in trainable)  # exp_avg, exp_avg_sq, step
-    dora = [m for m in model.modules() if isinstance(m, DoRALinear)]
-    gpu["adapters"] += sum(4 * m.out_features for m in dora if m.rank)  # cached detached norm
+    blocks = decoder_blocks(model)
+    in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    grads = sum(_nbytes(t, ws) for t in trainable)
+    head_grads = sum(_nbytes(t, ws) for t in trainable if id(t) not in in_blocks)  # ft: head, norm, embeddings
+    (host if offload else gpu)["optimizer"] = sum(2 * _nbytes(t, ws) + 4 for t in trainable)  # 2 moments, step
+    host["gradients"] = grads if offload else 0
+    gpu["adapters"] += sum(4 * m.out_features for m in model.modules() if isinstance(m, DoRALinear) and m.rank)
 
     adapted = {}  # (block index, projection name) -> rank, from the prepared model
     for name, module in model.named_modules():
@@ -334,32 +344,40 @@ def predict(hf_config, adapter: AdapterConfig, seq_len: int = 2048, batch_size: 
         if isinstance(module, LoRALinear) and found:
             adapted[int(found.group(1)), found.group(2)] = module.rank
     acts = activations(hf_config, adapter, adapted, batch_size, seq_len, device)
-    gpu["activations"] = acts["stored"] + acts["block"] if checkpointing else acts["saved"]
 
     c = DTYPES[adapter.compute_dtype].itemsize
-    vocab = hf_config.vocab_size
-    gpu["logits"] = min(loss_chunk, batch_size * (seq_len - 1)) * vocab * (c + 4 + 4)
-
-    layers = {n: m for n, m in model.named_modules() if hasattr(m, "weight") and isinstance(m.weight, NF4Weight)}
-    transient = 0
-    if layers:  # one NF4 weight dequantized in the compute dtype (forward, backward, DoRA norm)
-        transient = max(c * m.out_features * m.weight.in_pad for m in layers.values())
-        if adapter.method == "qdora":  # _DoRAFunction's fp32 (g - 1) * base and delta
-            transient += 2 * 4 * batch_size * seq_len * max(m.out_features for m in layers.values())
-    if adapter.method == "ft" and checkpointing and c != 4:  # autocast's cache of bf16 weight copies
-        transient += sum(c * m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    if fsdp:  # unsharded root (embeddings, final norm, head) kept all step + two gathered blocks + one block's grads
-        from .distributed import decoder_blocks
-
-        blocks = decoder_blocks(model)
-        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+    n, rows, h = batch_size * seq_len, min(loss_chunk, batch_size * (seq_len - 1)), hf_config.hidden_size
+    logits = rows * hf_config.vocab_size
+    kept = acts["stored"] if checkpointing else acts["saved"]
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    # one NF4 weight dequantized in the compute dtype, with its float32 block scales
+    deq = max((c * m.out_features * m.weight.in_pad + 4 * m.weight.absmax.numel() for m in layers), default=0)
+    cache = 0
+    if adapter.method == "ft" and checkpointing and c != DTYPES[adapter.adapter_dtype].itemsize:
+        # autocast's cache of bf16 weight copies, alive until the forward's autocast region ends
+        cache = sum(c * m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    g_head, g_all = (0, 0) if offload else (head_grads, grads)
+    phases = {
+        "forward (loss chunk)": dict(activations=kept, logits=8 * logits, transient=deq + cache, gradients=0),
+        "backward (loss chunk)": dict(activations=kept, logits=12 * logits, transient=0, gradients=g_head),
+        "backward (final norm)": dict(activations=kept, logits=0, transient=FINAL_NORM_GRADS * 4 * n * h,
+                                      gradients=g_head),
+        "backward (decoder block)": dict(activations=kept - acts["outside"] + (acts["block"] if checkpointing else 0),
+                                         logits=0, transient=deq + WSET_INTER * c * n * hf_config.intermediate_size
+                                         + WSET_HIDDEN * 4 * n * h, gradients=g_all),
+        "optimizer step": dict(activations=0, logits=0, transient=0, gradients=g_all),
+    }
+    phase = max(phases, key=lambda k: sum(phases[k].values()))
+    gpu.update(phases[phase])
+    if fsdp:  # the root (embeddings, final norm, head) stays gathered all step; two gathered blocks; one
+        # block's unsharded float32 gradients before their reduce-scatter
         root = sum(_nbytes(p) for p in model.parameters() if id(p) not in in_blocks)
         block = max(sum(_nbytes(p) for p in b.parameters()) for b in blocks)
         block_grads = max(sum(4 * p.numel() for p in b.parameters() if p.requires_grad) for b in blocks)
-        transient += root + 2 * block + block_grads
-    gpu["transient"] = transient
+        gpu["transient"] += root + 2 * block + block_grads
     result = {"gpu": gpu, "host": host, "gpu_total": sum(gpu.values()), "host_total": sum(host.values()),
-              "activations": acts, "trainable": sum(t.numel() for t in trainable)}
+              "phase": phase, "phases": {k: sum(v.values()) for k, v in phases.items()}, "activations": acts,
+              "gradients": grads, "trainable": sum(t.numel() for t in trainable)}
     result["host_all_ranks"] = result["host_total"] * ws
     return result
 
