@@ -240,6 +240,9 @@ def adapted_layer(weight: torch.Tensor, parts: dict[str, torch.Tensor], adapter:
     params = dict(layer.named_parameters())
     with torch.no_grad():
         for kind, t in parts.items():
+            if kind not in params:
+                raise ValueError(f"adapter has a {kind} tensor, which a {adapter.method} layer does not have; the "
+                                 f"run's {CONFIG} and {TENSORS} disagree (another method's checkpoint?)")
             params[kind].copy_(t)
     return layer
 

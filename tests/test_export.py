@@ -236,6 +236,7 @@ def test_bad_input_one_line_errors(stories_run, tiny_base, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress bar
         assert err.startswith("qdora: error:") and message in err, (argv, err)
     assert not (tmp_path / "o").exists() and (full / "keep").read_text() == "x"
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 
 def test_peft_export_refuses_magnitude_only_and_ft(tiny_base, tmp_path):
@@ -247,6 +248,12 @@ def test_peft_export_refuses_magnitude_only_and_ft(tiny_base, tmp_path):
         E.export(E.ExportConfig(run=run, out_dir=str(tmp_path / "p"), format="peft"))
     with pytest.raises(ValueError, match="pass the --base"):  # ft tensors of another model
         E.export(E.ExportConfig(run=run, out_dir=str(tmp_path / "p"), base=str(need(STORIES))))
+    run, _ = make_run(tiny_base, tmp_path / "d", AdapterConfig(rank=4, **FP32), steps=0)
+    meta = json.loads((tmp_path / "d" / "adapter" / "qdora_config.json").read_text())
+    meta["adapter"]["method"] = "qlora"  # a QDoRA checkpoint labelled as another method
+    (tmp_path / "d" / "adapter" / "qdora_config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="magnitude tensor, which a qlora layer does not have"):
+        E.export(E.ExportConfig(run=run, out_dir=str(tmp_path / "p")))
     assert not (tmp_path / "p").exists()
 
 
