@@ -102,12 +102,24 @@ class Root(nn.Module):
         return fn(self.model, *args, **kwargs)
 
 
-def _policies(cpu_offload: bool) -> dict:
+def _policies(device: torch.device, cpu_offload: bool) -> dict:
+    """fully_shard's arguments. The mesh is explicit (FSDP2 would default to CUDA whenever it is
+    visible, even for a gloo run on the CPU); fully_shard moves each unit's parameters and buffers
+    to its device (parameter shards stay on the CPU with cpu_offload), so the caller never moves
+    the whole model."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy
 
-    return {"mp_policy": MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32),
+    key = (device.type, world_size())
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(device.type, (world_size(),))
+    return {"mesh": _MESHES[key],
+            "mp_policy": MixedPrecisionPolicy(param_dtype=None, reduce_dtype=torch.float32),
             "offload_policy": CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload
             else OffloadPolicy()}
+
+
+_MESHES: dict = {}
 
 
 def _sum_gradients(unit) -> None:
@@ -116,28 +128,28 @@ def _sum_gradients(unit) -> None:
     unit.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
 
 
-def shard_block(block: nn.Module, cpu_offload: bool = False) -> None:
-    """Make one decoder block an FSDP2 unit (its parameters become this rank's row shards)."""
+def shard_block(block: nn.Module, device: torch.device, cpu_offload: bool = False) -> None:
+    """Make one decoder block an FSDP2 unit (its parameters become this rank's row shards on `device`)."""
     from torch.distributed.fsdp import fully_shard
 
-    _sum_gradients(fully_shard(block, **_policies(cpu_offload)))
+    _sum_gradients(fully_shard(block, **_policies(device, cpu_offload)))
 
 
-def shard_root(model: nn.Module, cpu_offload: bool = False) -> Root:
+def shard_root(model: nn.Module, device: torch.device, cpu_offload: bool = False) -> Root:
     """The FSDP2 root unit over what the blocks left (embeddings, final norm, head)."""
     from torch.distributed.fsdp import fully_shard
 
-    root = fully_shard(Root(model), **_policies(cpu_offload))
+    root = fully_shard(Root(model), **_policies(device, cpu_offload))
     _sum_gradients(root)
     return root
 
 
-def shard_model(model: nn.Module, cpu_offload: bool = False) -> Root:
+def shard_model(model: nn.Module, device: torch.device, cpu_offload: bool = False) -> Root:
     """FSDP2: one unit per decoder block plus the root; shards `model` in place (its parameter
     names do not change) and returns the Root to call it through."""
     for block in decoder_blocks(model):
-        shard_block(block, cpu_offload)
-    return shard_root(model, cpu_offload)
+        shard_block(block, device, cpu_offload)
+    return shard_root(model, device, cpu_offload)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

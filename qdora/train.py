@@ -213,7 +213,7 @@ def build_model(cfg: TrainConfig, adapter: AdapterConfig, device: torch.device, 
     def on_block(block: torch.nn.Module) -> None:
         nonlocal blocks_sharded
         blocks_sharded = True
-        D.shard_block(block.to(device), cfg.cpu_offload)
+        D.shard_block(block, device, cfg.cpu_offload)
 
     got = None
     if cfg.low_memory_load:
@@ -226,10 +226,11 @@ def build_model(cfg: TrainConfig, adapter: AdapterConfig, device: torch.device, 
         model, summary = got
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)
-    if sharded:
-        root = D.shard_root(model, cfg.cpu_offload) if blocks_sharded else D.shard_model(model, cfg.cpu_offload)
+    if sharded:  # fully_shard moves each unit to the device itself
+        root = (D.shard_root(model, device, cfg.cpu_offload) if blocks_sharded
+                else D.shard_model(model, device, cfg.cpu_offload))
         return model, root, summary
+    model.to(device)
     return model, lambda fn, *args: fn(model, *args), summary
 
 

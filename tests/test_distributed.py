@@ -95,7 +95,7 @@ SHARD_WORKER = textwrap.dedent("""
         nf4 = {n: m for n, m in model.named_modules() if isinstance(m, NF4Weight)}
         full = {n: (m.packed.clone(), m.absmax.clone(), m.dequantize()) for n, m in nf4.items()}
         total = sum(m.packed.nbytes + m.absmax.nbytes for m in nf4.values())
-        root = D.shard_model(model)
+        root = D.shard_model(model, torch.device("cpu"))
         local = sum(D.local_tensor(t).nbytes for m in nf4.values() for t in (m.packed, m.absmax))
         # The all-gather FSDP2 runs before each block's forward must give back the very bytes.
         same = True
