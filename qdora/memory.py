@@ -11,8 +11,11 @@ Activations are an enumeration of the tensors autograd saves in a Llama-like dec
 by storage, with Hugging Face non-reentrant activation checkpointing optional. tests/test_memory.py
 checks every category against tensors measured on small real models.
 
-The total adds every category at its largest, so it is an upper bound on the true peak: gradients
-and optimizer state are counted as present while all activations are alive.
+The peak is the largest of the phases of a step: weights and optimizer state are there throughout;
+activations, one loss chunk's logits, transient buffers (a dequantized weight, gradients of
+activations, FSDP2 all-gathers) and weight gradients as each phase holds them. The per-category
+figures are those of the peak phase. What the GPU's caching allocator adds (block rounding,
+fragmentation, the CUDA context) is not modeled.
 """
 
 from __future__ import annotations
@@ -48,8 +51,8 @@ CATEGORIES = {
     "gradients": "gradients of the trainable weights",
     "optimizer": "AdamW state (exp_avg, exp_avg_sq, step)",
     "activations": "activations saved for backward",
-    "logits": "logits of one loss chunk (bf16, fp32, grad)",
-    "transient": "transient buffers (dequantized weight, FSDP all-gathers)",
+    "logits": "logits of one loss chunk (fp32 log-softmax and gradients)",
+    "transient": "transient (dequantized weight, activation grads, FSDP gathers)",
 }
 
 
@@ -387,8 +390,10 @@ def format_table(result: dict, title: str) -> str:
     lines = [title, f"{'category':<66} {'GPU GiB':>9} {'host GiB':>9}"]
     for key, label in CATEGORIES.items():
         lines.append(f"{label:<66} {result['gpu'][key] / GiB:>9.3f} {result['host'][key] / GiB:>9.3f}")
-    lines.append(f"{'total per rank (upper bound on the peak)':<66} {result['gpu_total'] / GiB:>9.3f} "
+    lines.append(f"{'peak per rank (' + result['phase'] + ')':<66} {result['gpu_total'] / GiB:>9.3f} "
                  f"{result['host_total'] / GiB:>9.3f}")
+    static = result["gpu_total"] - result["phases"][result["phase"]]
+    lines.append("GPU GiB by phase: " + ", ".join(f"{k} {(static + v) / GiB:.2f}" for k, v in result["phases"].items()))
     return "\n".join(lines)
 
 
@@ -406,4 +411,4 @@ def memory(cfg: MemoryConfig, adapter: AdapterConfig = AdapterConfig()) -> dict:
     return {"gpu_gib": {k: v / GiB for k, v in result["gpu"].items()},
             "host_gib": {k: v / GiB for k, v in result["host"].items()},
             "gpu_total_gib": result["gpu_total"] / GiB, "host_total_gib": result["host_total"] / GiB,
-            "host_all_ranks_gib": result["host_all_ranks"] / GiB}
+            "host_all_ranks_gib": result["host_all_ranks"] / GiB, "phase": result["phase"]}

@@ -165,7 +165,7 @@ def test_config_errors_and_cli(tmp_path, capsys):
     assert main(["memory", "--config", "mistral-7b", "--method", "qlora", "--seq_len", "512",
                  "--checkpointing", "false"]) == 0
     out = capsys.readouterr().out
-    assert "mistral-7b: qlora" in out and "total per rank" in out
+    assert "mistral-7b: qlora" in out and "peak per rank" in out
 
 
 @pytest.mark.parametrize("method", ["qdora", "ft"])
@@ -180,7 +180,7 @@ def test_fsdp2_shards_match_prediction(method):
     dist.init_process_group("fake", store=fake_pg.FakeStore(), rank=0, world_size=ws)
     try:
         model, _ = prepare_model(AutoModelForCausalLM.from_config(hf_config).float(), adapter)
-        root = shard_model(model)
+        root = shard_model(model, torch.device("cpu"))
         ids = torch.randint(0, hf_config.vocab_size, (B, T))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = root(answer_loss, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
