@@ -29,9 +29,10 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .export import _check_out_dir, _publish_modes, _safetensors_files, as_trained
-from .model import AdapterConfig, _matches, load_model, resolve_model
+from .export import _check_out_dir, _publish_modes, as_trained
+from .model import AdapterConfig, _matches, load_model
 from .nf4 import NF4Weight
+from .streaming import safetensors_index
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)\.(.+)\.weight$")
 _MARKERS = "osv^DPX*<>ph"
@@ -87,8 +88,7 @@ class TensorSource:
     safetensors folder, else the state dict of the model loaded whole."""
 
     def __init__(self, name: str) -> None:
-        path, extra = resolve_model(name)
-        self.files = None if extra else _safetensors_files(path)
+        self.files = safetensors_index(name)
         self.state = None
         if self.files is None:
             self.state = load_model(name, torch.float32).state_dict()

@@ -29,11 +29,12 @@ from .checkpoint import CONFIG, TENSORS, find_adapter
 from .dora import DoRALinear, LoRALinear
 from .model import DTYPES, AdapterConfig, load_model, resolve_model
 from .nf4 import NF4Weight
+from .streaming import safetensors_index
 
 FORMATS = ("merged", "peft", "qdora")
 AGAINST = ("nf4", "original")
 PEFT_CONFIG, PEFT_TENSORS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
-INDEX = "model.safetensors.index.json"
+INDEX = "model.safetensors.index.json"  # what we write
 _SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -169,20 +170,6 @@ def read_peft(path: str, base: str | None = None) -> Run:
 # ------------------------------------------------------------------------------- base tensors
 
 
-def _safetensors_files(path: str) -> dict[str, str] | None:
-    """key -> file of a local safetensors checkpoint, or None when `path` is not one."""
-    if not os.path.isdir(path):
-        return None
-    if os.path.isfile(os.path.join(path, INDEX)):
-        with open(os.path.join(path, INDEX)) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.isfile(single):
-        return None
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}
-
-
 def _stream(files: dict[str, str]):
     """(key, tensor) one at a time; the file is opened per tensor so no mapping of the whole
     checkpoint stays resident."""
@@ -195,8 +182,7 @@ def _stream(files: dict[str, str]):
 def base_tensors(base: str, trust_remote_code: bool):
     """(keys, iterator of (key, tensor), config source) for the base model: streamed from a local
     safetensors folder, else from the state dict of the whole loaded model (not streaming)."""
-    path, extra = resolve_model(base)
-    files = None if extra else _safetensors_files(path)
+    files = safetensors_index(base)
     if files is not None:
         return list(files), _stream(files), None
     return base_tensors_loaded(base, trust_remote_code)

@@ -108,7 +108,7 @@ def test_bf16_export_is_merged_weight_rounded_once_and_deterministic(tmp_path, m
     E.export(E.ExportConfig(run=run, out_dir=str(tmp_path / "a")))
     E.export(E.ExportConfig(run=run, out_dir=str(tmp_path / "b")))
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
-    monkeypatch.setattr(E, "_safetensors_files", lambda path: None)  # force the load_model path
+    monkeypatch.setattr(E, "safetensors_index", lambda name: None)  # force the load_model path
     E.export(E.ExportConfig(run=run, out_dir=str(tmp_path / "c")))
     assert digests(tmp_path / "a") == digests(tmp_path / "c")
     model, _, _ = load_run(run)
