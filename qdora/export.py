@@ -18,11 +18,12 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .checkpoint import CONFIG, TENSORS, find_adapter
@@ -100,7 +101,7 @@ class Run:
     folder: str
     adapter: AdapterConfig
     base: str
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]
     step: int = 0
 
     def modules(self) -> dict[str, dict[str, torch.Tensor]]:
@@ -115,13 +116,35 @@ class Run:
         return out
 
 
-def _read_tensors(path: str) -> dict[str, torch.Tensor]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path!r} is missing; the adapter folder is incomplete")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as exc:
-        raise ValueError(f"adapter tensors {path!r} cannot be read ({exc}); the checkpoint is corrupt") from None
+class SafetensorsFile(Mapping):
+    """The tensors of one safetensors file, each read when asked for: an ft run's adapter file
+    holds the whole model in float32, which an export should not hold at once."""
+
+    def __init__(self, path: str) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path!r} is missing; the adapter folder is incomplete")
+        self.path = path
+        try:
+            with safe_open(path, "pt") as f:
+                self._keys = list(f.keys())
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"adapter tensors {path!r} cannot be read ({exc}); the checkpoint is corrupt") from None
+        self._set = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._set:
+            raise KeyError(key)
+        with safe_open(self.path, "pt") as f:
+            return f.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def read_run(path: str, base: str | None = None) -> Run:
@@ -132,7 +155,7 @@ def read_run(path: str, base: str | None = None) -> Run:
     with open(os.path.join(folder, CONFIG)) as f:
         meta = json.load(f)
     adapter = AdapterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["adapter"].items()})
-    return Run(folder, adapter, base or meta["train"]["model"], _read_tensors(os.path.join(folder, TENSORS)),
+    return Run(folder, adapter, base or meta["train"]["model"], SafetensorsFile(os.path.join(folder, TENSORS)),
                meta.get("step", 0))
 
 
@@ -151,7 +174,7 @@ def read_peft(path: str, base: str | None = None) -> Run:
     if not model:
         raise ValueError(f"{path!r} names no base_model_name_or_path; pass --base")
     tensors = {}
-    for key, t in _read_tensors(os.path.join(path, PEFT_TENSORS)).items():
+    for key, t in SafetensorsFile(os.path.join(path, PEFT_TENSORS)).items():
         name = key.removeprefix(PEFT_PREFIX)
         for ours, theirs in _SUFFIX.items():
             if name.endswith("." + theirs) or name.endswith(f".{theirs}.weight"):
@@ -332,10 +355,11 @@ def _write_merged(run: Run, cfg: ExportConfig, tmp: str) -> None:
             if dtype == torch.float16 and not torch.isfinite(out).all():
                 raise ValueError(f"merged {key} overflows float16; export with --dtype=bfloat16 or float32")
         elif ft and key in run.tensors:
-            if run.tensors[key].shape != t.shape:
-                raise ValueError(f"ft tensor {key} has shape {tuple(run.tensors[key].shape)} but base {run.base!r} "
+            out = run.tensors[key]
+            if out.shape != t.shape:
+                raise ValueError(f"ft tensor {key} has shape {tuple(out.shape)} but base {run.base!r} "
                                  f"has {tuple(t.shape)}; pass the --base the run was trained on")
-            out = run.tensors[key].to(dtype)
+            out = out.to(dtype)
         elif t.is_floating_point():
             out = (t if cfg.against == "original" or ft else as_trained(t, run.adapter)).to(dtype)
         else:

@@ -254,6 +254,9 @@ def test_peft_export_refuses_magnitude_only_and_ft(tiny_base, tmp_path):
     (tmp_path / "d" / "adapter" / "qdora_config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="magnitude tensor, which a qlora layer does not have"):
         E.export(E.ExportConfig(run=run, out_dir=str(tmp_path / "p")))
+    (tmp_path / "d" / "adapter" / "adapter.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="the checkpoint is corrupt"):
+        E.export(E.ExportConfig(run=run, out_dir=str(tmp_path / "p")))
     assert not (tmp_path / "p").exists()
 
 
