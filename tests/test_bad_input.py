@@ -184,8 +184,8 @@ CASES = [
     ("unknown-blocksize", T("--blocksize=100"), "blocksize 100 is not one of", False),
     ("unknown-dtype", T("--compute_dtype=fp8"), "compute_dtype 'fp8' is not one of", False),
     ("target-matches-nothing", T("--targets=nope_proj"), "target pattern 'nope_proj' matches no linear layer", True),
-    ("magnitude-only-matches-no-target", T("--targets=q_proj", "--magnitude_only=v_proj"),
-     "magnitude_only pattern 'v_proj' matches none of the target layers", True),
+    ("magnitude-only-matches-no-target", T("--targets=q_proj,v_proj", "--magnitude_only=k_proj"),
+     "magnitude_only pattern 'k_proj' matches none of the target layers", True),
     # Training settings.
     ("lr-out-of-range", T("--lr=5"), "lr must be in (0, 1)", False),
     ("batch-size-zero", T("--batch_size=0"), "batch_size must be a positive integer", False),
@@ -355,3 +355,18 @@ def test_normal_run_prints_no_library_warnings(w, tmp_path, capfd, caplog, recwa
     assert not [str(x.message) for x in recwarn if not issubclass(x.category, hidden)]
     pieces = [p.strip() for p in re.split(r"[\r\n]", capfd.readouterr().err) if p.strip()]
     assert not [p for p in pieces if not re.search(r"\d+%\|", p)]
+
+
+def test_good_flags_keep_their_types():
+    """The pre-check passes good flags on unchanged in meaning: text stays text (a folder named 2024,
+    comma lists and regular expressions), numbers stay numbers, true/false become booleans."""
+    from fire.parser import DefaultParseValue
+
+    from qdora.cli import _flag_values
+
+    args = ["--targets=q_proj,v_proj", "--magnitude_only", r".*\.k_proj", "--out_dir", "2024", "--lr", "1e-3",
+            "--merge_for_eval=FALSE", "--steps=3", "--steps=5", "--seed", "-1", "--trust_remote_code"]
+    parsed = {a[2:].partition("=")[0]: DefaultParseValue(a.partition("=")[2]) for a in _flag_values("train", args)}
+    assert parsed == {"targets": "q_proj,v_proj", "magnitude_only": r".*\.k_proj", "out_dir": "2024", "lr": 1e-3,
+                      "merge_for_eval": False, "steps": 5, "seed": -1, "trust_remote_code": True}
+    assert AdapterConfig(targets=parsed["targets"]).targets == ("q_proj", "v_proj")
