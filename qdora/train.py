@@ -57,7 +57,7 @@ class TrainConfig:
             every N steps to out_dir/checkpoint-N (0 = only the final adapter).
         trust_remote_code: allow model code from the hub (off unless you trust the model).
         activation_checkpointing: recompute each decoder block's activations in backward instead
-            of keeping them (less memory, ~30% more compute).
+            of keeping them (less activation memory, one more forward pass per block).
         cpu_offload: under torchrun (FSDP2), keep parameter shards, gradients and optimizer state
             in CPU memory and copy them to the GPU per block (bigger models, slower steps).
         resume: continue from a checkpoint exactly where it stopped, writing into out_dir: true
