@@ -98,6 +98,7 @@ def _stream(name_or_path: str, index: dict[str, str], cfg: AdapterConfig, seed: 
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.tie_weights()  # as from_pretrained does (tied input/output embeddings share one Parameter)
+    model.eval()  # from_pretrained's mode; the adapter layers prepare_model adds start in train mode there too
     targets = find_targets(model, cfg.targets)
     for pattern in cfg.magnitude_only:
         if not any(_matches(n, pattern) for n in targets):
@@ -154,7 +155,6 @@ def _stream(name_or_path: str, index: dict[str, str], cfg: AdapterConfig, seed: 
         _trim()
     finish_blocks_before(None)
     fill("")
-    model.eval()  # from_pretrained returns eval mode
     summary = Summary(adapted=targets)
     summary.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     summary.total = count_base_parameters(model)

@@ -199,6 +199,7 @@ def test_streaming_load_is_bit_identical(tmp_path, kw):
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
     assert (summary.trainable, summary.total, summary.base_bytes) == (ref_summary.trainable, ref_summary.total,
                                                                       ref_summary.base_bytes)
+    assert [m.training for m in ref.modules()] == [m.training for m in got.modules()]
     ids = torch.randint(0, 256, (2, 7))
     assert torch.equal(ref(ids).logits, got(ids).logits)
     assert load_prepared(str(tmp_path), AdapterConfig(method="ft"), seed=5) is None  # ft loads normally
