@@ -117,19 +117,27 @@ def load_config(name_or_path: str):
 
 
 @contextmanager
-def _shape_only_nf4():
-    """NF4Weight.quantize allocating empty tensors on the weight's (meta) device instead of
-    running bitsandbytes on data: same shapes, same padding rule."""
-    real = NF4Weight.__dict__["quantize"]
-
+def _shapes_only():
+    """NF4Weight.quantize allocating empty tensors on the weight's (meta) device instead of running
+    bitsandbytes on data (same shapes, same padding rule), and DoRA's per-row constants (row scale,
+    ||W0||^2) as empty vectors: on meta tensors they are shapes only, and computing them costs seconds."""
     def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
         return cls(weight.shape[0], weight.shape[1], blocksize, double_quant, device=weight.device)
 
-    NF4Weight.quantize = classmethod(quantize)
+    def row_vector(self, *args, **kwargs) -> torch.Tensor:
+        nf4 = self if isinstance(self, NF4Weight) else self.weight
+        return torch.empty(nf4.out_features, device=nf4.packed.device)
+
+    patches = [(NF4Weight, "quantize", classmethod(quantize)), (NF4Weight, "row_scale", row_vector),
+               (DoRALinear, "_w0_sq_norms", row_vector)]
+    saved = [(cls, name, cls.__dict__[name]) for cls, name, _ in patches]
+    for cls, name, fn in patches:
+        setattr(cls, name, fn)
     try:
         yield
     finally:
-        NF4Weight.quantize = real
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
 
 
 def meta_model(hf_config, adapter: AdapterConfig) -> torch.nn.Module:
@@ -138,7 +146,7 @@ def meta_model(hf_config, adapter: AdapterConfig) -> torch.nn.Module:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    with _shape_only_nf4():
+    with _shapes_only():
         model, _ = prepare_model(model, adapter)
     return model
 
@@ -372,12 +380,15 @@ def predict(hf_config, adapter: AdapterConfig, seq_len: int = 2048, batch_size: 
     }
     phase = max(phases, key=lambda k: sum(phases[k].values()))
     gpu.update(phases[phase])
-    if fsdp:  # the root (embeddings, final norm, head) stays gathered all step; two gathered blocks; one
-        # block's unsharded float32 gradients before their reduce-scatter
+    if fsdp:  # the root (embeddings, final norm, head) stays gathered all step (FSDP2 keeps the root
+        # unsharded after forward); the current and the prefetched block, gathered, each with its
+        # all-gather input (this rank's shard); one block's unsharded float32 gradients before their
+        # reduce-scatter
         root = sum(_nbytes(p) for p in model.parameters() if id(p) not in in_blocks)
         block = max(sum(_nbytes(p) for p in b.parameters()) for b in blocks)
+        shard = max(sum(_nbytes(p, ws) for p in b.parameters()) for b in blocks)
         block_grads = max(sum(4 * p.numel() for p in b.parameters() if p.requires_grad) for b in blocks)
-        gpu["transient"] += root + 2 * block + block_grads
+        gpu["transient"] += root + 2 * (block + shard) + block_grads
     result = {"gpu": gpu, "host": host, "gpu_total": sum(gpu.values()), "host_total": sum(host.values()),
               "phase": phase, "phases": {k: sum(v.values()) for k, v in phases.items()}, "activations": acts,
               "gradients": grads, "trainable": sum(t.numel() for t in trainable)}

@@ -146,8 +146,15 @@ def test_shipped_configs_and_targets():
     # LoRA rank 16 on all linear layers: published trainable counts (PEFT) are 40.0M and 41.9M
     assert sizes["llama-2-7b"] == 16 * 32 * (4 * (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096))
     assert sizes["llama-3-8b"] == 41_943_040
+    # Llama-3-8B, rank 16 on all linear layers, 2048 tokens, checkpointing, one GPU: at most 9 GiB,
+    # and DoRA adds little to QLoRA
     q8 = memory(MemoryConfig("llama-3-8b"), AdapterConfig(method="qdora"))
-    assert q8["gpu_total_gib"] <= 9.0
+    qlora8 = memory(MemoryConfig("llama-3-8b"), AdapterConfig(method="qlora"))
+    assert q8["gpu_total_gib"] <= 9.0 and 0 < q8["gpu_total_gib"] - qlora8["gpu_total_gib"] < 0.25
+    # Llama-3-70B over 2 ranks with FSDP2 and CPU offload fits two 24 GB GPUs; without offload it does not
+    q70 = memory(MemoryConfig("llama-3-70b", world_size=2, offload=True))
+    assert q70["gpu_total_gib"] < 20 and q70["host_all_ranks_gib"] > 2 * 16
+    assert memory(MemoryConfig("llama-3-70b", world_size=2))["gpu_total_gib"] > 22.3
 
 
 def test_config_errors_and_cli(tmp_path, capsys):
