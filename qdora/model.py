@@ -130,8 +130,9 @@ def resolve_model(name_or_path: str) -> tuple[str, dict]:
                 with safe_open(os.path.join(path, file), framework="pt"):
                     pass
             except (SafetensorError, OSError) as exc:
-                raise ValueError(f"the weights of model {name_or_path!r} cannot be read ({file}: {exc}); the "
-                                 f"safetensors file is corrupt or truncated: download or copy the model again") from None
+                raise ValueError(f"the weights of model {name_or_path!r} cannot be read ({file}: {exc}); "
+                                 f"the safetensors file is corrupt or truncated: download or copy the model again"
+                                 ) from None
     return path, {}
 
 
@@ -148,7 +149,7 @@ def load_model(name_or_path: str, dtype: torch.dtype = torch.bfloat16, trust_rem
                                                      **extra)
     except OSError as exc:
         where = ("pass a complete local model folder" if os.path.isdir(path) else
-                 "pass a local model folder, or a hub id that is cached or reachable")
+                 "pass a local model folder, or a hub id that is cached or reachable (offline: HF_HUB_OFFLINE=1)")
         raise FileNotFoundError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}; {where}") from None
     except SafetensorError as exc:
         raise ValueError(f"the weights of model {name_or_path!r} cannot be read ({exc}); the safetensors file is "
@@ -167,7 +168,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         first = str(exc).strip().splitlines()[0].rstrip(": ") if str(exc).strip() else type(exc).__name__
         where = ("the folder needs the model's tokenizer files (tokenizer.json, or tokenizer.model with "
                  "tokenizer_config.json): copy them from the original model" if os.path.isdir(path) else
-                 "pass a local model folder, or a hub id that is cached or reachable")
+                 "pass a local model folder, or a hub id that is cached or reachable (offline: HF_HUB_OFFLINE=1)")
         raise FileNotFoundError(f"cannot load the tokenizer of model {name_or_path!r} ({first}); {where}") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
