@@ -329,10 +329,13 @@ def predict(hf_config, adapter: AdapterConfig, seq_len: int = 2048, batch_size: 
     "host_total" (per rank), "host_all_ranks", "phase", "phases": {phase: GPU bytes},
     "activations": {saved, stored, block, outside}, "gradients" (all of them, this rank's shards),
     "trainable": parameter count}.
+    `hf_config` is a transformers config or anything `load_config` takes (a shipped name, a path).
     `device` only matters for dropout masks (bool on CUDA, compute dtype on CPU).
     """
     from .distributed import decoder_blocks
 
+    if isinstance(hf_config, (str, os.PathLike)):
+        hf_config = load_config(str(hf_config))
     model = meta_model(hf_config, adapter)
     ws, fsdp = world_size, world_size > 1 or offload
     gpu, host = dict.fromkeys(CATEGORIES, 0), dict.fromkeys(CATEGORIES, 0)

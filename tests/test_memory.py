@@ -129,7 +129,7 @@ def test_a_wrong_model_fails():
 
 def test_sharding_and_offload_split():
     hf_config = load_config("llama-3-8b")
-    one = predict(hf_config, AdapterConfig(), world_size=1)
+    one = predict("llama-3-8b", AdapterConfig(), world_size=1)
     two = predict(hf_config, AdapterConfig(), world_size=2, offload=True)
     assert two["gpu"]["nf4_weights"] == 0 and two["host"]["nf4_weights"] > 0
     assert abs(two["host"]["nf4_weights"] * 2 - one["gpu"]["nf4_weights"]) < 1e-3 * one["gpu"]["nf4_weights"]
