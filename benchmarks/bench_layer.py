@@ -2,11 +2,14 @@
 
 The same small Llama (random weights), the same NF4 bytes, rank 16 on every linear layer but the head,
 batch 2 x 256 tokens. PEFT runs on bitsandbytes `Linear4bit` layers holding our NF4 bytes; its QLoRA
-is a reference row (how fast the same library's plain LoRA is). Time: the four models step in turn inside one process, median of --repeats,
-so machine noise hits all of them alike. Memory: each configuration also runs alone in a fresh
+is a reference row (how fast the same library's plain LoRA is). Time: the four models step in turn
+inside one process, median of --repeats, so machine noise hits all of them alike. Memory: each configuration also runs alone in a fresh
 subprocess, which reports its peak resident set size during two training steps (the kernel's
 high-water mark is reset after the model is built) and that peak minus the resident size just before
-the first step (what training itself adds).
+the first step (what training itself adds); twice, with glibc's default allocator settings and with
+a fixed mmap threshold (LIVE_MALLOC: RSS then follows live tensors rather than heap fragmentation).
+Besides wall time, process CPU time per step is reported: on a shared machine it is far less noisy
+(with --threads 1 it is the work done, whatever else runs).
 
 Targets (issue 2): ours QDoRA / ours QLoRA <= 1.10 time, <= 1.05 peak memory; ours QDoRA / PEFT QDoRA
 <= 0.60 time.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -31,6 +35,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from qdora.model import AdapterConfig, adapter_layers, prepare_model
 
 CONFIGS = ("qdora", "qlora", "peft-qdora", "peft-qlora")
+# glibc keeps freed heap chunks resident and raises its mmap threshold to the largest freed block, so
+# peak RSS also counts how the allocator fragmented. With a fixed 64 KiB threshold every tensor of
+# consequence is its own mapping, returned on free: peak RSS then follows the live tensors.
+LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def build(name: str, args) -> torch.nn.Module:
@@ -131,40 +139,46 @@ def main() -> None:
     for step in steps.values():  # warm-up
         step()
     times = {name: [] for name in CONFIGS}
+    cpu = {name: [] for name in CONFIGS}
     for _ in range(args.repeats):
         for name, step in steps.items():
             if args.device == "cuda":
                 torch.cuda.synchronize()
-            t = time.perf_counter()
+            c, t = time.process_time(), time.perf_counter()
             step()
             if args.device == "cuda":
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - t)
+            cpu[name].append(time.process_time() - c)
     del steps
     memory = {}
     for name in CONFIGS:
         cmd = [sys.executable, __file__, "--memory-only", name] + [
             f"--{k}={getattr(args, k)}" for k in ("layers", "hidden", "intermediate", "vocab", "rank", "batch",
                                                   "seq", "device", "threads")]
-        memory[name] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                                  .strip().splitlines()[-1])
+        for key, env in (("default", {}), ("live", LIVE_MALLOC)):
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ | env).stdout
+            memory[name, key] = json.loads(out.strip().splitlines()[-1])
     med = {n: statistics.median(t) for n, t in times.items()}
+    cmed = {n: statistics.median(t) for n, t in cpu.items()}
     print(f"Llama {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, vocab {args.vocab}, "
-          f"rank {args.rank}, batch {args.batch}x{args.seq}, {args.device} ({torch.get_num_threads()} threads), bf16 compute, median of {args.repeats}\n")
-    print("| config | step s (median) | step s (min) | peak memory MB | added by training MB |")
-    print("| --- | --- | --- | --- | --- |")
+          f"rank {args.rank}, batch {args.batch}x{args.seq}, {args.device} ({torch.get_num_threads()} threads), "
+          f"bf16 compute, median of {args.repeats}\n")
+    print("| config | step s | min step s | process CPU s | peak MB | added MB | peak MB (live) | added MB (live) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in CONFIGS:
-        print(f"| {n} | {med[n]:.3f} | {min(times[n]):.3f} | {memory[n]['peak_mb']:.0f} | {memory[n]['added_mb']:.0f} |")
-    ratio = lambda a, b, key: memory[a][key] / memory[b][key]  # noqa: E731
-    print(f"\nours QDoRA / ours QLoRA: time {med['qdora'] / med['qlora']:.3f} (target <= 1.10), "
-          f"peak memory {ratio('qdora', 'qlora', 'peak_mb'):.3f} (target <= 1.05), "
-          f"added memory {ratio('qdora', 'qlora', 'added_mb'):.3f}")
-    print(f"ours QDoRA / PEFT QDoRA: time {med['qdora'] / med['peft-qdora']:.3f} (target <= 0.60), "
-          f"peak memory {ratio('qdora', 'peft-qdora', 'peak_mb'):.3f}")
-    print(f"PEFT QDoRA / ours QLoRA: time {med['peft-qdora'] / med['qlora']:.3f}; "
-          f"PEFT QDoRA / PEFT QLoRA: time {med['peft-qdora'] / med['peft-qlora']:.3f}; "
+        d, live = memory[n, "default"], memory[n, "live"]
+        print(f"| {n} | {med[n]:.3f} | {min(times[n]):.3f} | {cmed[n]:.3f} | {d['peak_mb']:.0f} | {d['added_mb']:.0f} "
+              f"| {live['peak_mb']:.0f} | {live['added_mb']:.0f} |")
+    mem = lambda a, b, key, kind="default": memory[a, kind][key] / memory[b, kind][key]  # noqa: E731
+    print(f"\nours QDoRA / ours QLoRA: time {med['qdora'] / med['qlora']:.3f} (target <= 1.10; process CPU "
+          f"{cmed['qdora'] / cmed['qlora']:.3f}), peak memory {mem('qdora', 'qlora', 'peak_mb'):.3f} (target <= 1.05; "
+          f"live {mem('qdora', 'qlora', 'peak_mb', 'live'):.3f}), added memory {mem('qdora', 'qlora', 'added_mb'):.3f} "
+          f"(live {mem('qdora', 'qlora', 'added_mb', 'live'):.3f})")
+    print(f"ours QDoRA / PEFT QDoRA: time {med['qdora'] / med['peft-qdora']:.3f} (target <= 0.60; process CPU "
+          f"{cmed['qdora'] / cmed['peft-qdora']:.3f}), peak memory {mem('qdora', 'peft-qdora', 'peak_mb'):.3f}")
+    print(f"PEFT QDoRA / PEFT QLoRA: time {med['peft-qdora'] / med['peft-qlora']:.3f}; "
           f"ours QLoRA / PEFT QLoRA: time {med['qlora'] / med['peft-qlora']:.3f}")
-
 
 if __name__ == "__main__":
     main()

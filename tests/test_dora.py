@@ -219,3 +219,44 @@ def test_bad_layer_arguments(kwargs, message):
     mode = args.pop("norm_mode", "detached")
     with pytest.raises(ValueError, match=message):
         DoRALinear(NF4Weight.quantize(torch.randn(4, 64)), None, norm_mode=mode, **args)
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dropout_gradients_match_fp64(cls, dtype):
+    """With dropout the adapter branch sees x_d = dropout(x): the input gradient is the sum of the base
+    branch's and the adapter branch's through the mask (reference: the same mask, fp64)."""
+    layer = make(cls, 24, 130, 4, dtype)
+    layer.dropout = torch.nn.Dropout(0.3)
+    layer.train()
+    x = torch.randn(3, 5, 130, dtype=dtype, requires_grad=True)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    keep = layer.dropout(torch.ones_like(x)).double()  # the same draw: mask / (1 - p)
+    xr = x.detach().double().requires_grad_()
+    W = layer.weight.dequantize(torch.float32).double()
+    A, B = layer.lora_A.detach().double(), layer.lora_B.detach().double()
+    yr = xr @ W.T + layer.scale * (xr * keep) @ A.T @ B.T
+    if cls is DoRALinear:
+        g = layer.magnitude.detach().double() / (W + layer.scale * B @ A).norm(dim=1)
+        yr = yr * g
+    gy = torch.randn_like(yr)
+    (y.double() * gy).sum().backward()
+    (yr * gy).sum().backward()
+    assert rel(y, yr) < TOL[dtype]
+    assert rel(x.grad, xr.grad) < TOL[dtype]
+
+
+@pytest.mark.parametrize("cls", [LoRALinear, DoRALinear])
+def test_input_without_grad_gives_same_adapter_gradients(cls):
+    """A first layer's input needs no gradient: the adapter's gradients are unchanged."""
+    layer = make(cls, 20, 64, 4, torch.float32)
+    x = torch.randn(6, 64)
+    grads = []
+    for needs in (True, False):
+        layer.zero_grad()
+        layer(x.clone().requires_grad_(needs)).square().sum().backward()
+        grads.append([p.grad.clone() for p in layer.parameters() if p.requires_grad])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
