@@ -401,7 +401,7 @@ def predict(hf_config, adapter: AdapterConfig, seq_len: int = 2048, batch_size: 
 
 def format_table(result: dict, title: str) -> str:
     """The breakdown as a plain-text table in GiB."""
-    lines = [title, f"{'category':<66} {'GPU GiB':>9} {'host GiB':>9}"]
+    lines = [title, f"{'category, at the peak phase':<66} {'GPU GiB':>9} {'host GiB':>9}"]
     for key, label in CATEGORIES.items():
         lines.append(f"{label:<66} {result['gpu'][key] / GiB:>9.3f} {result['host'][key] / GiB:>9.3f}")
     lines.append(f"{'peak per rank (' + result['phase'] + ')':<66} {result['gpu_total'] / GiB:>9.3f} "
