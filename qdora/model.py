@@ -179,21 +179,26 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
 
 
-def find_targets(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
-    """Names of the linear layers selected by `targets` (never the output head)."""
+def find_targets(model: nn.Module, targets: tuple[str, ...], magnitude_only: tuple[str, ...] = ()) -> list[str]:
+    """Names of the linear layers selected by `targets` (never the output head); every
+    `magnitude_only` pattern must name at least one of them."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     linears = [n for n, mod in model.named_modules() if isinstance(mod, nn.Linear) and mod is not head]
     if not linears:
-        raise ValueError(f"{type(model).__name__} has no linear layers to adapt besides its output head")
-    if ALL_LINEAR in targets:
-        return linears
-    chosen = []
-    for pattern in targets:
+        raise ValueError(f"{type(model).__name__} has no linear layers to adapt besides its output head; qdora "
+                         f"adapts torch.nn.Linear layers (GPT-2's Conv1D is not one): use a Llama, Mistral, "
+                         f"Qwen2 or Gemma-style model")
+    chosen = [] if ALL_LINEAR not in targets else linears
+    for pattern in targets if ALL_LINEAR not in targets else ():
         hits = [n for n in linears if _matches(n, pattern)]
         if not hits:
             suffixes = sorted({n.rsplit(".", 1)[-1] for n in linears})
             raise ValueError(f"target pattern {pattern!r} matches no linear layer; this model has {suffixes}")
         chosen += [n for n in hits if n not in chosen]
+    for pattern in magnitude_only:
+        if not any(_matches(n, pattern) for n in chosen):
+            raise ValueError(f"magnitude_only pattern {pattern!r} matches none of the target layers; "
+                             f"name layers that are also in --targets")
     return [n for n in linears if n in chosen]
 
 
@@ -204,10 +209,7 @@ def prepare_model(model: nn.Module, cfg: AdapterConfig) -> tuple[nn.Module, Summ
     (stored in adapter_dtype, computed in compute_dtype under autocast);
     qlora and qdora quantize each target to NF4 and wrap it in LoRALinear or DoRALinear.
     """
-    names = find_targets(model, cfg.targets)
-    for pattern in cfg.magnitude_only:
-        if not any(_matches(n, pattern) for n in names):
-            raise ValueError(f"magnitude_only pattern {pattern!r} matches none of the target layers")
+    names = find_targets(model, cfg.targets, cfg.magnitude_only)
     summary = Summary(adapted=names)
     if cfg.method == "ft":
         model.to(DTYPES[cfg.adapter_dtype])

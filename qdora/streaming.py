@@ -90,7 +90,7 @@ def load_prepared(name_or_path: str, cfg: AdapterConfig, seed: int, trust_remote
 def _stream(name_or_path: str, index: dict[str, str], cfg: AdapterConfig, seed: int, trust_remote_code: bool,
             on_block: Callable[[nn.Module], None] | None) -> tuple[nn.Module, Summary] | None:
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     path, _ = resolve_model(name_or_path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -98,11 +98,11 @@ def _stream(name_or_path: str, index: dict[str, str], cfg: AdapterConfig, seed: 
     with init_empty_weights(include_buffers=False):  # parameters on meta, buffers (rotary tables) real
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
     model.tie_weights()  # as from_pretrained does (tied input/output embeddings share one Parameter)
+    if os.path.isfile(os.path.join(path, "generation_config.json")):
+        # from_config skips it, and some models list their end-of-turn token only there (Llama-3-Instruct).
+        model.generation_config = GenerationConfig.from_pretrained(path)
     model.eval()  # from_pretrained's mode; the adapter layers prepare_model adds start in train mode there too
-    targets = find_targets(model, cfg.targets)
-    for pattern in cfg.magnitude_only:
-        if not any(_matches(n, pattern) for n in targets):
-            raise ValueError(f"magnitude_only pattern {pattern!r} matches none of the target layers")
+    targets = find_targets(model, cfg.targets, cfg.magnitude_only)
     in_targets = {f"{n}.{leaf}" for n in targets for leaf in ("weight", "bias")}
     aliases: dict[int, list[tuple[nn.Module, str, str]]] = {}  # every name of each non-target parameter
     for full, p in model.named_parameters(remove_duplicate=False):

@@ -179,7 +179,7 @@ def test_streaming_load_is_bit_identical(tmp_path, kw):
     """A bf16 checkpoint in three safetensors shards (index file), untied head, q/k/v biases: the
     streamed model equals load_model + prepare_model tensor for tensor, NF4 bytes and adapter init
     included, and so do its logits."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, GenerationConfig, Qwen2Config
 
     from qdora.model import AdapterConfig, load_model, prepare_model
     from qdora.streaming import load_prepared
@@ -188,6 +188,7 @@ def test_streaming_load_is_bit_identical(tmp_path, kw):
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
     AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(tmp_path, max_shard_size="60KB")
     assert (tmp_path / "model.safetensors.index.json").is_file()
+    GenerationConfig(eos_token_id=[1, 7], max_length=99).save_pretrained(tmp_path)  # an end-of-turn token only here
     adapter = AdapterConfig(rank=4, **kw)
     torch.manual_seed(5)
     ref, ref_summary = prepare_model(load_model(str(tmp_path), torch.float32), adapter)
@@ -202,6 +203,7 @@ def test_streaming_load_is_bit_identical(tmp_path, kw):
     assert [m.training for m in ref.modules()] == [m.training for m in got.modules()]
     ids = torch.randint(0, 256, (2, 7))
     assert torch.equal(ref(ids).logits, got(ids).logits)
+    assert got.generation_config.eos_token_id == ref.generation_config.eos_token_id == [1, 7]
     assert load_prepared(str(tmp_path), AdapterConfig(method="ft"), seed=5) is None  # ft loads normally
 
 
