@@ -77,6 +77,18 @@ def test_two_ranks_match_one_rank(rows, tmp_path, method, extra):
     for name in wa:  # relative Frobenius error: Adam magnifies summation-order noise on tiny gradients
         assert float((wb[name] - wa[name]).norm() / wa[name].norm()) < 1e-4, name
     assert any(float(l.lora_B.detach().abs().sum()) > 0 for l in adapter_layers(load_run(str(two))[0]).values())
+    if extra:
+        return
+    # Export (issue 4) from the 2-rank run's checkpoint equals export from the 1-rank run.
+    from transformers import AutoModelForCausalLM
+    exported = []
+    for run in (one, two):
+        assert main(["export", f"--run={run}", f"--out_dir={run}-merged", "--dtype=float32"]) == 0
+        exported.append(AutoModelForCausalLM.from_pretrained(f"{run}-merged", dtype=torch.float32).state_dict())
+    ea, eb = exported
+    assert ea.keys() == eb.keys()
+    for name in ea:
+        assert float((eb[name] - ea[name]).norm() / ea[name].norm()) < 1e-4, name
 
 
 SHARD_WORKER = textwrap.dedent("""
