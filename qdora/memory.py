@@ -41,7 +41,7 @@ GiB = 2**30
 # Gradients of activations alive at once in backward, beyond the saved tensors, fitted to CPU
 # measurements of whole training steps (tests/test_memory.py checks the resulting peaks):
 FINAL_NORM_GRADS = 4  # float32 (tokens x hidden) tensors in the final norm's backward
-WSET_INTER = 1.25  # (tokens x intermediate) tensors in the compute dtype in a decoder block's backward
+WSET_INTER = 1.0  # (tokens x intermediate) tensors in the compute dtype in a decoder block's backward
 WSET_HIDDEN = 1.0  # float32 (tokens x hidden) tensors in a decoder block's backward
 CATEGORIES = {
     "nf4_weights": "4-bit weights (packed NF4)",
@@ -202,9 +202,10 @@ def _layer_dims(cfg) -> dict[str, tuple[int, int]]:
 
 
 def _block(s: _Saved, i: int, cfg, adapter: AdapterConfig, adapted: dict[tuple[int, str], int], n: int, seq: int,
-           res_rg: bool, device: str) -> bool:
+           res_rg: bool, device: str, recompute: bool = False) -> bool:
     """Add the tensors decoder block i saves (n tokens, sequences of seq); returns whether its
-    output requires grad."""
+    output requires grad. A checkpoint's recompute keeps only the saved tensors (its graph, with
+    the tensors held on its nodes, is dropped)."""
     ft = adapter.method == "ft"
     c = DTYPES[adapter.compute_dtype].itemsize
     rs = DTYPES[adapter.adapter_dtype].itemsize if ft else c  # residual stream (= model weights) dtype
@@ -237,12 +238,14 @@ def _block(s: _Saved, i: int, cfg, adapter: AdapterConfig, adapted: dict[tuple[i
             xd = s.add(f"{key}.xdrop", c * n * fin)
             if x_rg:  # CUDA's fused dropout keeps a bool mask; the CPU path a scaled mask in the input dtype
                 s.add(f"{key}.mask", (1 if device == "cuda" else c) * n * fin)
-        # qdora.dora._AdapterFunction saves x, x_d and A x; QDoRA also the output and g (A, B, m
-        # and the bias are parameters)
+        # qdora.dora._AdapterFunction saves x, x_d, A x and keeps s B (diag(g) s B) in the compute
+        # dtype; QDoRA also saves the output and g (A, B, m and the bias are parameters)
         s.add(x, c * n * fin)
         s.add(xd, c * n * fin)
         if r:
             s.add(f"{key}.ax", c * n * r)
+            if not recompute:
+                s.add(f"{key}.Bs", c * fout * r)
         if adapter.method == "qdora":
             s.add(f"{key}.out", c * n * fout)
             s.add(f"{key}.g", 4 * fout)
@@ -308,11 +311,15 @@ def activations(cfg, adapter: AdapterConfig, adapted: dict[tuple[int, str], int]
     stored = _Saved()
     for i in range(cfg.num_hidden_layers):
         stored.add(f"res{i}", rs * n * h)  # checkpoint inputs
+    dims = _layer_dims(cfg)
+    for (i, name), r in adapted.items():  # the adapter function's s B lives on its graph node, not recomputed
+        if r and not ft:
+            stored.add(f"{i}.{name}.Bs", DTYPES[adapter.compute_dtype].itemsize * dims[name][1] * r)
     outside(stored, True)
     block = 0
     for i in range(cfg.num_hidden_layers):
         one = _Saved()
-        _block(one, i, cfg, adapter, adapted, n, seq_len, True, device)
+        _block(one, i, cfg, adapter, adapted, n, seq_len, True, device, recompute=True)
         block = max(block, one.total())
     tail = _Saved()
     outside(tail, True)

@@ -64,6 +64,8 @@ def measure(hf_config, adapter: AdapterConfig, checkpointing: bool) -> dict[str,
         compute = DTYPES[adapter.compute_dtype]
         with torch.autocast("cpu", dtype=compute, enabled=compute != torch.float32):  # as qdora.train does
             loss = answer_loss(model, batch)
+    for t in kept_on_ctx(loss):
+        saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
     caches = {m._norm_cache[1].untyped_storage().data_ptr() for m in model.modules()
               if isinstance(m, DoRALinear) and m._norm_cache is not None}
     got["adapters"] += sum(saved.get(p, 0) for p in caches)  # the persistent norm cache
@@ -75,6 +77,20 @@ def measure(hf_config, adapter: AdapterConfig, checkpointing: bool) -> dict[str,
     opt.step()
     got["optimizer"] = sum(t.untyped_storage().nbytes() for s in opt.state.values() for t in s.values())
     return got
+
+
+def kept_on_ctx(loss: torch.Tensor) -> list[torch.Tensor]:
+    """Tensors that autograd functions keep as ctx attributes rather than saved tensors (the
+    adapter function's scaled B), found by walking the graph (checkpointed regions are not in it)."""
+    found, seen, stack = [], set(), [loss.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        found += [v for v in vars(node).values() if isinstance(v, torch.Tensor)] if hasattr(node, "__dict__") else []
+        stack += [nxt for nxt, _ in node.next_functions]
+    return found
 
 
 def close(pred: int, meas: int) -> bool:
@@ -256,7 +272,7 @@ def test_peak_of_a_training_step(method, checkpointing, vocab):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    ids = torch.randint(0, vocab, (B, 4 * T))
+    ids = torch.randint(0, vocab, (B, 8 * T))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     with LiveBytes() as mem:
         for _ in range(2):  # the second step has optimizer state (counted with the weights)
@@ -268,7 +284,7 @@ def test_peak_of_a_training_step(method, checkpointing, vocab):
             opt.step()
             opt.zero_grad(set_to_none=True)
     measured = mem.peak - start
-    pred = predict(hf_config, adapter, seq_len=4 * T, batch_size=B, checkpointing=checkpointing, loss_chunk=128,
+    pred = predict(hf_config, adapter, seq_len=8 * T, batch_size=B, checkpointing=checkpointing, loss_chunk=128,
                    device="cpu")
     predicted = sum(pred["gpu"][k] for k in ("activations", "logits", "transient", "gradients"))
     if method == "ft":
