@@ -205,7 +205,8 @@ class DoRALinear(LoRALinear):
         norm, far under bf16's own rounding). Otherwise it runs over float32 row chunks dequantized
         from NF4, each small enough to stay in cache (never an out x in fp32 copy)."""
         if dense is not None:
-            wa = (dense @ A.to(dense.dtype).T).float()
+            Ad = self.lora_A if self.lora_A.dtype == dense.dtype else A.to(dense.dtype)
+            wa = (dense @ Ad.T).float()
         else:
             wa = torch.cat([w @ A.T for _, w in self.weight.row_chunks(chunk_elems=NORM_CHUNK_ELEMS)])
         return self._norm_from_wa(wa, A, B)
@@ -217,7 +218,8 @@ class DoRALinear(LoRALinear):
             c = self.row_scale[:, None]
             Bc = B / c
             # 2s Bc.(W0 A^T / c) + s^2 Bc (A A^T) Bc^T = 2s Bc.(W0 A^T / c + (s/2) Bc A A^T)
-            n2 = n2 + 2 * self.scale * torch.linalg.vecdot(Bc, torch.addmm(wa / c, Bc, A @ A.T, alpha=self.scale / 2))
+            t = torch.addmm(wa / c, Bc, A @ A.T, alpha=self.scale / 2)
+            n2 = torch.add(n2, torch.linalg.vecdot(Bc, t), alpha=2 * self.scale)
         return self._unscale(n2)
 
     def _unscale(self, n2: torch.Tensor) -> torch.Tensor:
@@ -285,7 +287,7 @@ class _AdapterFunction(torch.autograd.Function):
     def forward(ctx, x, x_drop, A, B, m, norm, bias, weight: NF4Weight, scale: float,  # type: ignore[override]
                 dense: torch.Tensor | None = None):
         dtype = x.dtype
-        g = None if m is None else m.float() / norm
+        g = None if m is None else torch.div(m, norm)  # float32: norm is float32
         out = x @ (weight.dequantize(dtype) if dense is None else dense).T
         if g is not None:
             out.addcmul_(out, (g - 1).to(dtype))
@@ -297,6 +299,7 @@ class _AdapterFunction(torch.autograd.Function):
         if bias is not None:
             out.add_(bias)
         ctx.weight, ctx.scale, ctx.drop_is_x, ctx.Bs = weight, scale, x_drop is x, Bs
+        ctx.row_factor = scale if g is None else (g * scale)[:, None]
         ctx.save_for_backward(x, x_drop, A, B, m, norm, bias, ax, None if m is None else out, g)
         return out
 
@@ -311,8 +314,7 @@ class _AdapterFunction(torch.autograd.Function):
             grad_x = grad2 @ _dequantize(weight, dtype, g)
         if A is not None:
             grad_ax = grad2 @ ctx.Bs
-            row_factor = scale if g is None else (g * scale)[:, None]
-            grad_B = ((grad2.T @ ax.reshape(-1, ax.shape[-1])).float() * row_factor).to(B.dtype)
+            grad_B = ((grad2.T @ ax.reshape(-1, ax.shape[-1])).float() * ctx.row_factor).to(B.dtype)
             grad_A = (grad_ax.T @ x_drop.reshape(-1, x_drop.shape[-1])).to(A.dtype)
             if ctx.drop_is_x and grad_x is not None:
                 grad_x.addmm_(grad_ax, A.to(dtype))  # both branches' input gradients in one sum
@@ -330,7 +332,7 @@ class _AdapterFunction(torch.autograd.Function):
             prod = grad2 * out2
             bf16 = prod.dtype == m.dtype == torch.bfloat16
             grad_g = prod.sum(0).float() if bf16 else prod.sum(0, dtype=torch.float32)
-            grad_g = grad_g / torch.where(g == 0, 1.0, g)
+            grad_g = grad_g / g.masked_fill(g == 0, 1.0)
             bad = (g.abs() < _AdapterFunction.G_RECOMPUTE).nonzero().squeeze(1)
             if bad.numel():
                 grad_g[bad] = (grad2[:, bad].float() * _recompute_rows(x, ax, B, weight, bad, scale)).sum(0)
@@ -345,7 +347,7 @@ def _dequantize(weight: NF4Weight, dtype: torch.dtype, g: torch.Tensor | None) -
 
 def _scaled_B(B: torch.Tensor, g: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
     """s B, or diag(g) s B, computed in float32 and rounded once to `dtype`."""
-    return (B.float() * (scale if g is None else (g * scale)[:, None])).to(dtype)
+    return (B.float() * scale if g is None else torch.mul(B, (g * scale)[:, None])).to(dtype)
 
 
 def _recompute_rows(x, ax, B, weight: NF4Weight, rows: torch.Tensor, scale: float) -> torch.Tensor:
