@@ -18,6 +18,7 @@ is already divided by the global answer-token count.
 from __future__ import annotations
 
 import os
+import pickle
 from datetime import timedelta
 
 import torch
@@ -175,3 +176,52 @@ def nf4_payload_bytes(model: nn.Module) -> tuple[int, int]:
     tensors = [t for m in model.modules() if isinstance(m, NF4Weight) for t in (m.packed, m.absmax)]
     return (sum(local_tensor(t).numel() * t.element_size() for t in tensors),
             sum(t.numel() * t.element_size() for t in tensors))
+
+
+# What a DCP `.metadata` pickle may name: its own dataclasses, torch.Size, dtypes and layouts, a path.
+_DCP_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {"Metadata", "TensorStorageMetadata", "TensorProperties",
+                                               "ChunkStorageMetadata", "BytesStorageMetadata", "MetadataIndex",
+                                               "StorageMeta", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "WindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name in _DCP_GLOBALS.get(module, ()) or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                   torch.dtype)):
+            return super().find_class(module, name)
+        raise ValueError(f"checkpoint metadata names {module}.{name}, which a torch.distributed.checkpoint "
+                         f"never writes; refusing to unpickle it (the file is corrupt or not from qdora)")
+
+
+def safe_reader(path: str):
+    """A DCP FileSystemReader whose `.metadata` (a pickle in torch's format) is read by an unpickler
+    that admits only DCP's own metadata classes: loading a checkpoint can never run code. Tensor
+    and byte payloads are already read with torch.load(weights_only=True) by DCP itself. The metadata
+    is read once here, so a bad file raises a one-line ValueError before dcp.load starts."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata_path = self._get_metadata_path(kwargs.get("rank"))
+            try:
+                with self.fs.create_stream(metadata_path, "rb") as f:
+                    metadata = _MetadataUnpickler(f).load()
+            except (pickle.UnpicklingError, EOFError, AttributeError) as exc:
+                raise ValueError(f"checkpoint metadata {str(metadata_path)!r} cannot be read ({exc}); "
+                                 f"the checkpoint is corrupt: resume from an earlier one") from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    reader = SafeReader(path)
+    reader.read_metadata()  # fail here with our one-line error, not inside dcp.load's per-rank wrapping
+    return reader

@@ -1,0 +1,74 @@
+"""Loading a training checkpoint never runs code: DCP's pickled metadata goes through an unpickler
+that admits only DCP's own classes."""
+
+import os
+import pickle
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+from qdora.distributed import safe_reader
+
+
+def _save(path, state):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process": it is
+        dcp.save(state, checkpoint_id=str(path), no_dist=True)
+
+
+def _load(path, state):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=safe_reader(str(path)), no_dist=True)
+
+
+def test_safe_reader_loads_what_dcp_saved(tmp_path):
+    model = torch.nn.Linear(5, 3)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 5)).sum().backward()
+    opt.step()
+    saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "optim": opt.state_dict(),
+             "extra": {"step": 3, "dtype": torch.bfloat16}}
+    _save(tmp_path / "ck", saved)
+    got = {"model": {k: torch.zeros_like(v) for k, v in saved["model"].items()},
+           "optim": {"state": {k: {n: torch.zeros_like(t) for n, t in v.items()}
+                               for k, v in saved["optim"]["state"].items()},
+                     "param_groups": saved["optim"]["param_groups"]},
+           "extra": {"step": 0, "dtype": torch.float32}}
+    _load(tmp_path / "ck", got)
+    for k, v in saved["model"].items():
+        assert torch.equal(got["model"][k], v)
+    for k, v in saved["optim"]["state"].items():
+        for n, t in v.items():
+            assert torch.equal(got["optim"]["state"][k][n], t)
+    assert got["extra"] == {"step": 3, "dtype": torch.bfloat16}
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (self.marker,))
+
+
+def test_safe_reader_refuses_a_metadata_pickle_that_runs_code(tmp_path):
+    model = torch.nn.Linear(5, 3)
+    _save(tmp_path / "ck", {"model": model.state_dict()})
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "ck" / ".metadata", "wb") as f:
+        pickle.dump(_Exploit(str(marker)), f)
+    with pytest.raises(ValueError, match=r"names posix\.makedirs|names os\.makedirs"):
+        _load(tmp_path / "ck", {"model": model.state_dict()})
+    assert not marker.exists()
+
+
+def test_safe_reader_names_a_truncated_metadata_file(tmp_path):
+    model = torch.nn.Linear(5, 3)
+    _save(tmp_path / "ck", {"model": model.state_dict()})
+    meta = tmp_path / "ck" / ".metadata"
+    meta.write_bytes(meta.read_bytes()[:40])
+    with pytest.raises(ValueError, match="checkpoint is corrupt"):
+        _load(tmp_path / "ck", {"model": model.state_dict()})
