@@ -10,7 +10,9 @@ A training checkpoint `out_dir/checkpoint-N/` holds:
                                              scheduler state, counters, Python RNG state
     rng-rank{R}.safetensors                  torch CPU (and CUDA) RNG state of rank R
 It is written under a temporary name by every rank and renamed by rank 0 after a barrier, so a
-`checkpoint-N/` folder is always complete.
+`checkpoint-N/` folder is always complete: a process killed at any moment (SIGKILL included) leaves
+complete checkpoints and `.tmp-*` entries, which are never read and are removed by `--resume`
+(`remove_stale`). Files are fsynced before the rename (durable across a power loss too).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import asdict
 
@@ -36,7 +39,71 @@ STATE, TRAINER = "state", "trainer.json"
 # TrainConfig fields that may change on --resume: they do not change what is computed.
 RESUME_FREE = frozenset({"out_dir", "resume", "eval_every", "eval_batch_size", "max_new_tokens", "merge_for_eval",
                          "save_every", "device", "trust_remote_code", "activation_checkpointing", "cpu_offload",
-                         "low_memory_load"})
+                         "low_memory_load", "on_nonfinite"})
+# Temporary entries (checkpoints, adapters, metrics and summary rewrites) start with this prefix.
+TMP = ".tmp-"
+
+
+def _test_pause() -> None:
+    """Test hook: QDORA_TEST_SAVE_PAUSE=seconds sleeps between the parts of a write, so tests can
+    kill a process in the middle of one; unset, it costs one environment lookup per part."""
+    pause = os.environ.get("QDORA_TEST_SAVE_PAUSE")
+    if pause:
+        time.sleep(float(pause))
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: str) -> None:
+    for root, _, files in os.walk(folder):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
+def publish(tmp: str, path: str) -> None:
+    """Move the complete folder or file `tmp` to `path`. An existing `path` is first renamed to a
+    temporary name and removed afterwards, so at every moment `path` is either absent, the old
+    complete version or the new one (never a half-removed folder)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(tmp):
+        _fsync_tree(tmp)
+    else:
+        _fsync(tmp)
+    old = None
+    if os.path.isdir(path):
+        old = os.path.join(parent, f"{TMP}old-{os.path.basename(path)}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync(parent)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: str, obj, **kwargs) -> None:
+    """Write JSON to `path` atomically (temporary file, fsync, rename)."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), TMP + os.path.basename(path))
+    with open(tmp, "w") as f:
+        json.dump(obj, f, **kwargs)
+    publish(tmp, path)
+
+
+def remove_stale(folder: str) -> list[str]:
+    """Remove the `.tmp-*` entries a killed run left in its out_dir (and the temporary prediction
+    files of `qdora.evaluate.write_jsonl`); returns their names."""
+    names = [n for n in (os.listdir(folder) if os.path.isdir(folder) else ())
+             if n.startswith(TMP) or re.fullmatch(r"predictions_.*\.jsonl\.tmp\d+", n)]
+    for name in names:
+        path = os.path.join(folder, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+    return names
 
 
 def save_adapter(model: torch.nn.Module, path: str, meta: dict) -> None:
@@ -47,14 +114,14 @@ def save_adapter(model: torch.nn.Module, path: str, meta: dict) -> None:
     if not D.is_main():
         return
     parent = os.path.dirname(os.path.abspath(path))
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=TMP, dir=parent)
     try:
         save_file(tensors, os.path.join(tmp, TENSORS))
+        _test_pause()
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(meta, f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _test_pause()
+        publish(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -85,7 +152,7 @@ def save_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, p
     import torch.distributed.checkpoint as dcp
 
     path = os.path.abspath(path)
-    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    tmp = os.path.join(os.path.dirname(path), TMP + os.path.basename(path))
     if D.is_main():
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -94,26 +161,28 @@ def save_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, p
     with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.save(state, checkpoint_id=os.path.join(tmp, STATE), no_dist=D.world_size() == 1)
+    _test_pause()
     save_file(_rng_state(device), os.path.join(tmp, f"rng-rank{D.rank()}.safetensors"))
     tensors = gathered_trainable(model)
     if D.is_main():
         save_file(tensors, os.path.join(tmp, TENSORS))
+        _test_pause()
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(meta, f, indent=2)
         trainer = {**position, "step": meta["step"], "scheduler": sched.state_dict(),
                    "python_rng": random.getstate(), "world_size": D.world_size()}
         with open(os.path.join(tmp, TRAINER), "w") as f:
             json.dump(trainer, f, indent=2)
+        _test_pause()
     D.barrier()
     if D.is_main():
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        publish(tmp, path)
     D.barrier()
 
 
 def latest_checkpoint(folder: str) -> str | None:
-    """The checkpoint-N folder with the largest N in `folder` (complete by construction), or None."""
+    """The checkpoint-N folder with the largest N in `folder` (complete by construction), or None.
+    Temporary `.tmp-checkpoint-N` folders of a killed run never match."""
     steps = [int(m.group(1)) for name in (os.listdir(folder) if os.path.isdir(folder) else ())
              if (m := re.fullmatch(r"checkpoint-(\d+)", name)) and os.path.isfile(os.path.join(folder, name, TRAINER))]
     return os.path.join(folder, f"checkpoint-{max(steps)}") if steps else None

@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from .checkpoint import check_resumable, load_checkpoint, resume_point, save_adapter, save_checkpoint
+from .checkpoint import (TMP, check_resumable, latest_checkpoint, load_checkpoint, publish, remove_stale,
+                         resume_point, save_adapter, save_checkpoint, write_json)
 from .data import IGNORE_INDEX, batches, encode_rows, load_rows, split_rows
 from .evaluate import evaluate
 from .model import DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, merged, prepare_model
@@ -24,6 +25,8 @@ from .streaming import load_prepared
 # Learning rates used when --lr is not given: adapters tolerate (and need) much larger steps than
 # the dense weights of full fine-tuning.
 DEFAULT_LR = {"qdora": 1e-3, "qlora": 1e-3, "ft": 3e-5}
+# With on_nonfinite="skip", this many skipped steps in a row stop the run: it is diverging.
+MAX_NONFINITE_IN_A_ROW = 10
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,10 @@ class TrainConfig:
         low_memory_load: for qdora/qlora on a local safetensors folder, build the model on the meta
             device and quantize the checkpoint tensor by tensor (peak host memory ~ the 4-bit model
             plus one layer; same bytes as the ordinary load); false: load it dense, then quantize.
+        on_nonfinite: what a step whose loss or gradient norm is NaN/inf does: "stop" (error naming
+            the step; the last checkpoint stays) or "skip" (drop its gradients: the optimizer and the
+            learning-rate schedule do not step, the data moves on; logged as skipped_nonfinite;
+            10 skipped steps in a row stop the run).
     """
 
     model: str = DEFAULT_MODEL
@@ -93,6 +100,7 @@ class TrainConfig:
     cpu_offload: bool = False
     resume: str | None = None
     low_memory_load: bool = True
+    on_nonfinite: str = "stop"
 
     def __post_init__(self) -> None:
         if self.resume is True or (isinstance(self.resume, str) and self.resume.lower() == "true"):
@@ -115,6 +123,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay and grad_clip must be >= 0, got {self.weight_decay}, {self.grad_clip}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be stop or skip, got {self.on_nonfinite!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device=cuda but no CUDA device is visible; use --device cpu")
 
@@ -179,9 +189,10 @@ def prepare_out_dir(out_dir: str, resume: bool = False) -> None:
 
 
 def rank_slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
-    """This rank's rows of a global batch (contiguous, as even as possible). A rank left without
-    rows gets the first row with every label ignored: it contributes nothing to the loss but still
-    runs forward and backward with the others."""
+    """This rank's rows of a global batch (contiguous; equal shares, since batch_size is a multiple
+    of the world size). Only the short last batch of an epoch can leave a rank without rows: it gets
+    the first row with every label ignored, contributing nothing to the loss but still running
+    forward and backward with the others."""
     if world == 1:
         return batch
     rows = torch.tensor_split(torch.arange(batch["input_ids"].shape[0]), world)[rank]
@@ -243,6 +254,10 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
     adapter/ (trainable tensors + config) and summary.json. Returns the summary.
     """
     sharded = D.is_distributed()
+    ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else D.env_world_size()
+    if sharded and cfg.batch_size % ranks:
+        raise ValueError(f"batch_size {cfg.batch_size} does not split evenly over {ranks} ranks; "
+                         f"pass a multiple of {ranks}")
     if cfg.cpu_offload and not sharded:
         raise ValueError("cpu_offload needs FSDP2: launch with torchrun (launch/train.py), "
                          "--nproc_per_node 1 for one GPU")
@@ -254,6 +269,9 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
         check_resumable(resume_dir, cfg, adapter)
     if main:
         prepare_out_dir(cfg.out_dir, resume=cfg.resume is not None)
+        stale = remove_stale(cfg.out_dir) if cfg.resume else []
+        if stale:
+            say(f"removed {len(stale)} temporary entries left by an interrupted run: {', '.join(sorted(stale))}")
     D.barrier()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -278,14 +296,18 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
     compute = DTYPES[adapter.compute_dtype]
     position = {"epoch": 0, "consumed": 0, "tokens_seen": 0, "train_seconds": 0.0}
     kept = []
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if resume_dir:
         position = load_checkpoint(model, opt, sched, resume_dir, device)
-        kept = kept_metrics(os.path.join(cfg.out_dir, "metrics.jsonl"), position["step"])
+        kept = kept_metrics(metrics_path, position["step"])
         say(f"resuming from {resume_dir} at step {position['step']}")
+        if main:  # the records up to the checkpoint, replaced atomically: a kill here loses none
+            tmp = os.path.join(cfg.out_dir, TMP + "metrics.jsonl")
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(record) + "\n" for record in kept)
+            publish(tmp, metrics_path)
     first = position.get("step", 0) + 1
-    metrics = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "w") if main else None
-    for record in kept if main else ():
-        metrics.write(json.dumps(record) + "\n")
+    metrics = open(metrics_path, "a" if resume_dir else "w") if main else None
 
     def log(record: dict) -> None:
         if metrics is not None:
@@ -318,6 +340,7 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
     bar = tqdm(range(first, cfg.steps + 1), desc=f"train {adapter.method}", unit="step", disable=not main,
                initial=first - 1, total=cfg.steps)
     loss_value, train_time, tokens_seen = float("nan"), position["train_seconds"], position["tokens_seen"]
+    nonfinite_steps, in_a_row = list(position.get("nonfinite_steps", [])), position.get("nonfinite_in_a_row", 0)
     for step in bar:
         t0 = time.time()
         micro = []
@@ -334,27 +357,50 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
             total += loss.item()
         total = D.all_reduce_sum(total, device)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip else float("inf"))
-        if not math.isfinite(total):
-            raise FloatingPointError(f"loss became {total} at step {step}; lower --lr or check the data")
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        dt = time.time() - t0
-        train_time += dt
-        tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-        tokens_seen += tokens
-        loss_value = total
-        mem = peak_memory_mb(device)
-        log({"step": step, "loss": total, "lr": sched.get_last_lr()[0], "grad_norm": float(D.full_tensor(grad_norm)),
-             "tokens": tokens, "tokens_per_s": tokens / dt, "peak_memory_mb": mem, "epoch": epoch})
-        bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tokens / dt:.0f}", mem=f"{mem:.0f}MB")
+        norm = float(D.full_tensor(grad_norm))
+        # Both values are global (the loss is summed over ranks, NaN/inf propagate through the sum;
+        # the norm is reduced over shards), so every rank takes the same branch.
+        problem = (f"loss became {total}" if not math.isfinite(total) else
+                   f"gradient norm became {norm}" if not math.isfinite(norm) else None)
+        if problem:
+            nonfinite_steps.append(step)
+            in_a_row += 1
+            log({"step": step, "skipped_nonfinite": cfg.on_nonfinite == "skip", "reason": problem, "epoch": epoch})
+            if cfg.on_nonfinite == "stop":
+                last = latest_checkpoint(cfg.out_dir)
+                raise FloatingPointError(f"{problem} at step {step}; lower --lr, check the data, or pass "
+                                         f"--on_nonfinite=skip" + (f" (with --resume=true to continue from "
+                                                                   f"{os.path.basename(last)})" if last else ""))
+            if in_a_row >= MAX_NONFINITE_IN_A_ROW:
+                raise FloatingPointError(f"{problem} at step {step}, the {in_a_row}th step in a row with a non-finite "
+                                         f"loss or gradient (steps {step - in_a_row + 1}-{step} skipped); the run "
+                                         f"diverges: lower --lr or check the data")
+            say(f"step {step}: {problem}; skipped (no optimizer or learning-rate step)")
+            opt.zero_grad(set_to_none=True)
+            train_time += time.time() - t0
+        else:
+            in_a_row = 0
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.time() - t0
+            train_time += dt
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            tokens_seen += tokens
+            loss_value = total
+            mem = peak_memory_mb(device)
+            log({"step": step, "loss": total, "lr": sched.get_last_lr()[0], "grad_norm": norm, "tokens": tokens,
+                 "tokens_per_s": tokens / dt, "peak_memory_mb": mem, "epoch": epoch})
+            bar.set_postfix(loss=f"{total:.3f}", tok_s=f"{tokens / dt:.0f}", mem=f"{mem:.0f}MB")
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             run_eval(step)
             model.train()
         if cfg.save_every and step % cfg.save_every == 0 and step != cfg.steps:
             save_checkpoint(model, opt, sched, os.path.join(cfg.out_dir, f"checkpoint-{step}"),
                             _meta(cfg, adapter, step), {"epoch": epoch, "consumed": consumed,
-                                                        "tokens_seen": tokens_seen, "train_seconds": train_time},
+                                                        "tokens_seen": tokens_seen, "train_seconds": train_time,
+                                                        "nonfinite_steps": nonfinite_steps,
+                                                        "nonfinite_in_a_row": in_a_row},
                             device)
     acc_after = run_eval(cfg.steps)
     save_adapter(model, os.path.join(cfg.out_dir, "adapter"), _meta(cfg, adapter, cfg.steps))
@@ -363,15 +409,32 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
               "total_parameters": summary.total, "train_seconds": train_time,
               "wall_seconds": time.time() - start, "tokens": tokens_seen,
               "peak_memory_mb": peak_memory_mb(device), "lr": lr, "steps": cfg.steps, "skipped": skipped,
-              "world_size": world, "nf4_bytes": nf4_total, "nf4_bytes_rank0": nf4_local}
+              "world_size": world, "nf4_bytes": nf4_total, "nf4_bytes_rank0": nf4_local,
+              "nonfinite_steps": nonfinite_steps}
     log({"summary": result})
     if main:
         metrics.close()
-        with open(os.path.join(cfg.out_dir, "summary.json"), "w") as f:
-            json.dump(result, f, indent=2)
-        tqdm.write(f"exact match {acc_before:.3f} -> {acc_after:.3f}; wrote {os.path.abspath(cfg.out_dir)}")
+        write_json(os.path.join(cfg.out_dir, "summary.json"), result, indent=2)
+        tqdm.write(f"exact match {acc_before:.3f} -> {acc_after:.3f}")
+        tqdm.write(written(cfg.out_dir))
     D.barrier()
     return result
+
+
+def written(out_dir: str) -> str:
+    """Where a finished run's files are, one line each."""
+    out = os.path.abspath(out_dir)
+    names = os.listdir(out)
+    steps = sorted(int(n[11:]) for n in names if n.startswith("checkpoint-") and n[11:].isdigit())
+    preds = [n for n in names if n.startswith("predictions_") and n.endswith(".jsonl")]
+    rows = [("adapter/", "trained tensors + config (qdora eval/export --run=...)")]
+    if steps:
+        rows.append(("checkpoint-N/", f"{len(steps)} for --resume (steps {steps[0]}..{steps[-1]})"))
+    rows.append(("metrics.jsonl", "loss, lr, grad norm, tokens/s, memory per step; evaluations"))
+    if preds:
+        rows.append(("predictions_step*.jsonl", f"held-out answers ({len(preds)} files)"))
+    rows.append(("summary.json", "exact match before/after, final loss, time, memory"))
+    return "\n".join([f"wrote {out}/"] + [f"  {name:<24} {what}" for name, what in rows])
 
 
 def kept_metrics(path: str, step: int) -> list[dict]:
