@@ -67,8 +67,8 @@ import json, os, random, signal, sys, time
 import torch
 torch.set_num_threads(1)
 from safetensors.torch import load_file
-from torch.distributed.checkpoint import FileSystemReader
 from qdora.checkpoint import latest_checkpoint
+from qdora.distributed import safe_reader
 from qdora.cli import main
 
 spec = json.load(open(sys.argv[1]))
@@ -125,7 +125,7 @@ def check():
             tensors = load_file(os.path.join(p, "adapter.safetensors"))
             assert tensors and all(bool(t.isfinite().all()) for t in tensors.values()), n
             assert set(load_file(os.path.join(p, "rng-rank0.safetensors"))) == {"cpu"}, n
-            FileSystemReader(os.path.join(p, "state")).read_metadata()
+            safe_reader(os.path.join(p, "state"))  # reads and checks the DCP metadata
             steps.append(step)
         elif n == "adapter":
             assert json.load(open(os.path.join(p, "qdora_config.json")))["step"] == spec["steps"]
