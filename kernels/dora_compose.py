@@ -74,6 +74,7 @@ def dora_compose(base: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, scale:
 
 
 def dora_compose_reference(base: torch.Tensor, lora: torch.Tensor, g: torch.Tensor, scale: float) -> torch.Tensor:
-    """The eager expression `DoRALinear` uses: base + ((g - 1) * base.float() + (g * s) * lora.float()).to(dtype)."""
+    """The eager expression: base + ((g - 1) * base.float() + (g * s) * lora.float()).to(dtype). (`DoRALinear`
+    itself no longer materializes lora: it scales base in place and adds the low-rank term by addmm.)"""
     _check(base, lora, g, "dora_compose_reference")
     return base + ((g - 1) * base.float() + (g * scale) * lora.float()).to(base.dtype)
