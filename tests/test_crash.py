@@ -14,12 +14,15 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
 
 import qdora.train
 from conftest import GSM8K, STORIES, need
+from safetensors.torch import load_file
+
 from qdora.checkpoint import latest_checkpoint, load_checkpoint, load_run, publish, remove_stale
 from qdora.cli import main
 from qdora.train import MAX_NONFINITE_IN_A_ROW, TrainConfig, lr_lambda
@@ -98,11 +101,12 @@ def poll(pid):
 
 
 def fresh(t0, metrics=False):
-    """The .tmp- entries this run has written to (the metrics rewrite aside), or with `metrics`,
-    whether it has reached the training loop (metrics.jsonl opened or replaced)."""
+    """The entries this run has created or changed (the metrics file and its rewrite aside): the
+    temporary and final names of its checkpoints, adapter and summary; or with `metrics`, whether it
+    has reached the training loop (metrics.jsonl opened or replaced)."""
     found = set()
     for n in os.listdir(out) if os.path.isdir(out) else ():
-        if n == "metrics.jsonl" if metrics else n.startswith(".tmp-") and n != ".tmp-metrics.jsonl":
+        if n == "metrics.jsonl" if metrics else n not in ("metrics.jsonl", ".tmp-metrics.jsonl"):
             try:
                 if os.stat(os.path.join(out, n)).st_mtime_ns >= t0:
                     found.add(n)
@@ -151,7 +155,8 @@ while sum(e["killed"] for e in events) < spec["kills"]:
     t0 = time.time_ns()
     pid = start(spec["argv"], {"QDORA_TEST_SAVE_PAUSE": str(pause)})
     # startup: anywhere in loading, resuming, cleaning up; train: in the training loop;
-    # write: in the middle of its first, second or third write (checkpoint, adapter, summary).
+    # write: just after its first, second or third new entry appeared (in the middle of writing
+    # a checkpoint, the adapter or the summary, whatever names the writer uses).
     mode = rng.choice(["startup", "train", "train", "write", "write"])
     code, deadline, writes, seen = None, time.time() + rng.uniform(*spec["startup"]), rng.randint(1, 3), set()
     while code is None and (time.time() < deadline if mode == "startup" else
@@ -311,6 +316,45 @@ def test_too_many_nonfinite_steps_in_a_row_stop(rows, tmp_path, monkeypatch, cap
     assert "steps 2-11 skipped" in err and "lower --lr or check the data" in err
     skipped = [r["step"] for r in records(out) if r.get("skipped_nonfinite")]
     assert skipped == list(range(2, MAX_NONFINITE_IN_A_ROW + 2))
+
+
+NAN_ON_RANK_1 = textwrap.dedent("""
+    import sys
+    import torch.distributed as dist
+    import qdora.train
+    from qdora import distributed as D
+    from qdora.cli import main
+
+    D.init_from_env("cpu")
+    calls, loss = [0], qdora.train.answer_loss
+
+    def nan_on_rank_1(model, batch):  # only rank 1 sees a NaN, at step 3
+        calls[0] += 1
+        out = loss(model, batch)
+        return out * float("nan") if dist.get_rank() == 1 and calls[0] == 3 else out
+
+    qdora.train.answer_loss = nan_on_rank_1
+    code = main(["train", *sys.argv[1:]])
+    dist.destroy_process_group()
+    sys.exit(code)
+""")
+
+
+def test_fsdp_ranks_agree_to_skip_a_step_one_rank_found_nonfinite(rows, tmp_path):
+    script, out = tmp_path / "worker.py", tmp_path / "run"
+    script.write_text(NAN_ON_RANK_1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *flags(rows, out, "--steps=4", "--batch_size=4", "--device=cpu",
+                                               "--on_nonfinite=skip")[1:]],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in records(out) if r.get("skipped_nonfinite")] == [3]
+    assert sorted(step_losses(out)) == [1, 2, 4]
+    # Neither rank stepped its shards at step 3 (the checkpoint gathers both), both did at step 4.
+    t2, t3, t4 = (load_file(out / name / "adapter.safetensors") for name in ("checkpoint-2", "checkpoint-3", "adapter"))
+    assert all(torch.equal(t2[n], t3[n]) for n in t2) and not all(torch.equal(t3[n], t4[n]) for n in t3)
 
 
 def test_batch_size_must_split_over_ranks(rows, tmp_path, monkeypatch, capsys):
