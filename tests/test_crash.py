@@ -6,7 +6,7 @@ run), kills it with SIGKILL after a seeded random delay or in the middle of a wr
 pauses between the parts of each write), and checks after every kill that everything under
 out_dir that is not a `.tmp-*` entry is complete. A last real `python -P -m qdora.cli` process
 resumes to the end; its per-step losses must equal an uninterrupted run's (same tolerance as
-test_resume.py: 1e-6 relative; in practice they are bit-identical).
+test_resume.py: 1e-6 relative), and so must the final adapter tensors.
 """
 
 import json
