@@ -32,6 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import distributed as D
+from .dora import invalidate_norm_caches
 from .model import AdapterConfig, load_model, load_tokenizer, prepare_model
 
 TENSORS, CONFIG = "adapter.safetensors", "qdora_config.json"
@@ -223,7 +224,6 @@ def load_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, p
                     device: torch.device) -> dict:
     """Restore trainable parameters, optimizer, scheduler and RNG from checkpoint `path` (every rank
     calls it); returns trainer.json (step, data position, counters)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
     with open(os.path.join(path, TRAINER)) as f:
@@ -231,8 +231,9 @@ def load_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, p
     state, options = _dcp_state(model, opt)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, checkpoint_id=os.path.join(path, STATE), no_dist=D.world_size() == 1)
+        D.load_state(state, os.path.join(path, STATE))
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
+    invalidate_norm_caches()
     sched.load_state_dict(trainer["scheduler"])
     version, internal, gauss = trainer["python_rng"]
     random.setstate((version, tuple(internal), gauss))

@@ -202,9 +202,9 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def safe_reader(path: str):
     """A DCP FileSystemReader whose `.metadata` (a pickle in torch's format) is read by an unpickler
-    that admits only DCP's own metadata classes: loading a checkpoint can never run code. Tensor
-    and byte payloads are already read with torch.load(weights_only=True) by DCP itself. The metadata
-    is read once here, so a bad file raises a one-line ValueError before dcp.load starts."""
+    that admits only DCP's own metadata classes. The metadata is read once here, so a bad file raises
+    a one-line ValueError before dcp.load starts. Use with `safe_planner()`: DCP's default planner
+    unpickles the non-tensor payloads (the optimizer's param_groups) with weights_only=False."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import StorageMeta
 
@@ -225,3 +225,42 @@ def safe_reader(path: str):
     reader = SafeReader(path)
     reader.read_metadata()  # fail here with our one-line error, not inside dcp.load's per-rank wrapping
     return reader
+
+
+def safe_planner():
+    """DCP's default load planner, except that non-tensor payloads are read with
+    torch.load(weights_only=True): plain Python values load, pickled code does not run."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+    from torch.distributed.checkpoint._traverse import set_element
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:  # DefaultLoadPlanner's, with weights_only=True
+            try:
+                obj = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise ValueError(f"checkpoint entry {read_item.dest_index.fqn!r} is not plain data "
+                                 f"({str(exc).splitlines()[0]}); refusing to unpickle it: the checkpoint is "
+                                 f"corrupt or not from qdora") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafePlanner()
+
+
+def load_state(state: dict, path: str) -> None:
+    """dcp.load into `state` from folder `path`, never unpickling code (see safe_reader, safe_planner);
+    any failure becomes one ValueError line."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        dcp.load(state, storage_reader=safe_reader(path), planner=safe_planner(), no_dist=world_size() == 1)
+    except CheckpointException as exc:
+        inner = [getattr(f, "exception", f) for f in exc.failures.values()]
+        first = next((e for e in inner if isinstance(e, ValueError)), inner[0] if inner else exc)
+        raise ValueError(str(first).splitlines()[0] if isinstance(first, ValueError) else
+                         f"checkpoint {path!r} cannot be loaded ({type(first).__name__}: "
+                         f"{str(first).splitlines()[0] if str(first) else ''}); it is corrupt: resume from an "
+                         f"earlier one") from None

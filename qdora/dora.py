@@ -28,6 +28,13 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
     _optimizer_steps += 1
 
 
+def invalidate_norm_caches() -> None:
+    """Make every DoRALinear recompute its norm at the next forward: for writes to A and B that
+    neither step an optimizer nor bump version counters (FSDP2's all-gather copy-out preserves
+    them, so a checkpoint loaded into sharded parameters is such a write)."""
+    _count_optimizer_step(None, None, None)
+
+
 # Fused AdamW updates parameters without bumping their version counters, so the norm cache is also
 # keyed on a process-wide count of optimizer steps (any torch.optim optimizer).
 register_optimizer_step_post_hook(_count_optimizer_step)
