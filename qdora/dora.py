@@ -115,9 +115,12 @@ class LoRALinear(nn.Module):
         return self.scale * (self.lora_B.float() @ self.lora_A.float())
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """The dense weight this layer applies, W0 + s*B@A, in float32."""
-        return self.weight.dequantize(torch.float32) + self.delta()
+    @torch.no_grad()
+    def merged_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight this layer applies, W0 + s*B@A, in float32; `base` replaces the
+        dequantized NF4 W0 (export's "merge against the original weights")."""
+        w0 = self.weight.dequantize(torch.float32) if base is None else base.float()
+        return w0 + self.delta()
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, alpha={self.alpha}, bias={self.bias is not None}"
@@ -229,9 +232,9 @@ class DoRALinear(LoRALinear):
             n2 = torch.add(n2, torch.linalg.vecdot(Bc, t), alpha=2 * self.scale)
         return self._unscale(n2)
 
-    def _unscale(self, n2: torch.Tensor) -> torch.Tensor:
-        """Row norms from squared norms of rows divided by row_scale: clamp, root, scale back."""
-        return n2.clamp_min(NORM_EPS).sqrt() * self.row_scale
+    def _unscale(self, n2: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        """Row norms from squared norms of rows divided by c (row_scale): clamp, root, scale back."""
+        return n2.clamp_min(NORM_EPS).sqrt() * (self.row_scale if c is None else c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = _compute_dtype(x)
@@ -256,10 +259,13 @@ class DoRALinear(LoRALinear):
         return out if self.bias is None else out + self._bias(dtype)
 
     @torch.no_grad()
-    def merged_weight(self) -> torch.Tensor:
-        """The dense weight this layer applies, m * V / ||V||_row, in float32."""
-        v = super().merged_weight()
-        norm = self._unscale((v / self.row_scale[:, None]).square().sum(1))
+    @torch.no_grad()
+    def merged_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight this layer applies, m * V / ||V||_row, in float32 (`base` as in
+        LoRALinear.merged_weight; its rows are rescaled by their own largest value)."""
+        v = super().merged_weight(base)
+        c = self.row_scale if base is None else torch.where(v.abs().amax(1) > 0, v.abs().amax(1), 1.0)
+        norm = self._unscale((v / c[:, None]).square().sum(1), c)
         return v * (self.magnitude.float() / norm)[:, None]
 
     def extra_repr(self) -> str:
@@ -360,7 +366,7 @@ def _scaled_B(B: torch.Tensor, g: torch.Tensor | None, scale: float, dtype: torc
 def _recompute_rows(x, ax, B, weight: NF4Weight, rows: torch.Tensor, scale: float) -> torch.Tensor:
     """y[:, rows] = x W0[rows]^T + s * ax B[rows]^T in fp32, for the few rows where it is needed."""
     xf = x.reshape(-1, x.shape[-1]).float()
-    y = xf @ weight.dequantize(torch.float32)[rows].T
+    y = xf @ weight.dequantize(torch.float32, rows=rows).T
     if ax is not None:
         y = y + scale * ax.reshape(-1, ax.shape[-1]).float() @ B.float()[rows].T
     return y

@@ -261,13 +261,7 @@ def merge_weight(weight: torch.Tensor, parts: dict[str, torch.Tensor], adapter: 
     """The dense float32 weight of one adapted module: m * V / ||V||_row (DoRA) or V (LoRA) with
     V = W0 + s B@A, W0 the dequantized NF4 base (against=nf4) or the original `weight`."""
     layer = adapted_layer(weight, parts, adapter)
-    if against == "nf4":
-        return layer.merged_weight()
-    v = weight.float() + layer.delta()
-    if isinstance(layer, DoRALinear):  # same formula as DoRALinear.merged_weight, W0 replaced
-        c = v.abs().amax(1).clamp_min(torch.finfo(torch.float32).tiny)
-        v = v * (layer.magnitude.float() / ((v / c[:, None]).square().sum(1).sqrt() * c))[:, None]
-    return v
+    return layer.merged_weight(None if against == "nf4" else weight)
 
 
 def _check_shapes(key: str, weight: torch.Tensor, parts: dict[str, torch.Tensor], base: str) -> None:

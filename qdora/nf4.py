@@ -110,10 +110,10 @@ class NF4Weight(nn.Module):
         flat = bnbF.dequantize_blockwise(self.absmax.reshape(-1), nested) + self.offset
         return flat.view(self.absmax.shape)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | None = None,
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice | torch.Tensor | None = None,
                    scales: torch.Tensor | None = None) -> torch.Tensor:
-        """Dense weight (or a slice of its rows) in `dtype`, padding columns removed."""
-        rows = rows or slice(None)
+        """Dense weight (or some of its rows: a slice or an index tensor) in `dtype`, padding columns removed."""
+        rows = slice(None) if rows is None else rows
         scales = self.scales() if scales is None else scales
         packed = self.packed[rows]
         n = packed.shape[0]

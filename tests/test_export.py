@@ -274,3 +274,26 @@ def test_interrupted_export_leaves_nothing(stories_run, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="disk full"):
         E.export(E.ExportConfig(run=stories_run, out_dir=str(tmp_path / "out"), max_shard_size="200KB"))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("against", ["nf4", "original"])
+def test_merge_weight_matches_fp64_formula_with_a_zero_row(against):
+    """m * V / ||V||_row with V = W0 + s B A in float64 (W0 from bitsandbytes' dequantize, or the
+    original weight); a row of V that is all zeros merges to zeros, never NaN."""
+    from qdora.export import merge_weight
+    from qdora.nf4 import NF4Weight
+
+    torch.manual_seed(0)
+    w = torch.randn(6, 70)
+    w[3] = 0
+    adapter = AdapterConfig(rank=2, alpha=4.0, compute_dtype="float32")
+    B = torch.randn(6, 2)
+    B[3] = 0
+    parts = {"lora_A": torch.randn(2, 70), "lora_B": B, "magnitude": torch.rand(6) + 0.5}
+    got = merge_weight(w, parts, adapter, against)
+    w0 = NF4Weight.quantize(w).dequantize(torch.float32) if against == "nf4" else w
+    v = w0.double() + 2.0 * parts["lora_B"].double() @ parts["lora_A"].double()
+    norm = v.norm(dim=1, keepdim=True)
+    want = torch.where(norm > 0, parts["magnitude"].double()[:, None] * v / norm.clamp_min(1e-300), 0.0)
+    assert torch.isfinite(got).all() and not got.requires_grad
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)

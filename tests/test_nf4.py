@@ -90,3 +90,11 @@ def test_nonfinite_weight_rejected():
 def test_bad_blocksize_rejected():
     with pytest.raises(ValueError, match="blocksize 48"):
         NF4Weight.quantize(torch.randn(2, 64), blocksize=48)
+
+
+def test_dequantize_rows_by_slice_or_index_equals_full_rows():
+    w = NF4Weight.quantize(torch.randn(9, 172), double_quant=True)
+    full = w.dequantize(torch.float32)
+    idx = torch.tensor([7, 0, 4])
+    assert torch.equal(w.dequantize(torch.float32, rows=idx), full[idx])
+    assert torch.equal(w.dequantize(torch.bfloat16, rows=slice(2, 5)), w.dequantize(torch.bfloat16)[2:5])
