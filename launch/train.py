@@ -13,6 +13,9 @@ import sys
 # not the root, so only the working directory matters).
 if sys.path and os.path.abspath(sys.path[0]) == os.getcwd():
     sys.path.pop(0)
+# tqdm reads TQDM_* once, at import: only rank 0 shows progress bars.
+if os.environ.get("RANK", "0") != "0":
+    os.environ["TQDM_DISABLE"] = "1"
 
 import torch.distributed as dist  # noqa: E402
 
@@ -20,8 +23,19 @@ from qdora import distributed  # noqa: E402
 from qdora.cli import main  # noqa: E402
 
 
+def _device(argv: list[str]) -> str:
+    """The value of --device (either `--device=cpu` or `--device cpu`), last one wins."""
+    value = "auto"
+    for i, arg in enumerate(argv):
+        if arg.startswith("--device="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--device" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return "cpu" if value == "cpu" else "auto"
+
+
 def run(argv: list[str]) -> int:
-    distributed.init_from_env("cpu" if "--device=cpu" in argv else "auto")
+    distributed.init_from_env(_device(argv))
     try:
         code = main(["train", *argv])
     finally:

@@ -98,9 +98,15 @@ def write_json(path: str, obj, **kwargs) -> None:
 
 def remove_stale(folder: str) -> list[str]:
     """Remove the `.tmp-*` entries a killed run left in its out_dir (and the temporary prediction
-    files of `qdora.evaluate.write_jsonl`); returns their names."""
+    files of `qdora.evaluate.write_jsonl`); returns their names. A folder that publish had renamed
+    away when the kill came before the new one took its name is restored instead."""
     names = [n for n in (os.listdir(folder) if os.path.isdir(folder) else ())
              if n.startswith(TMP) or re.fullmatch(r"predictions_.*\.jsonl\.tmp\d+", n)]
+    for name in [n for n in names if n.startswith(TMP + "old-")]:
+        final = os.path.join(folder, name[len(TMP + "old-"):])
+        if not os.path.exists(final):  # killed between publish's two renames: put the old version back
+            os.replace(os.path.join(folder, name), final)
+            names.remove(name)
     for name in names:
         path = os.path.join(folder, name)
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)

@@ -35,7 +35,13 @@ def safetensors_index(name_or_path: str) -> dict[str, str] | None:
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+            files = {k: os.path.realpath(os.path.join(path, v)) for k, v in json.load(f)["weight_map"].items()}
+        root = os.path.realpath(path) + os.sep
+        for name, file in files.items():
+            if not file.startswith(root):
+                raise ValueError(f"{index!r} maps {name} to {file!r}, outside the model folder; "
+                                 f"the index is corrupt or hostile: fix or remove it")
+        return files
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if not files:
         return None

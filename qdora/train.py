@@ -285,6 +285,8 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
         say(f"skipped {skipped} of {len(train_rows)} training examples longer than {cfg.max_length} tokens")
 
     model, call, summary = build_model(cfg, adapter, device, sharded)
+    if sharded:  # the same adapter init everywhere, but each rank its own dropout masks for its rows
+        torch.manual_seed(cfg.seed + D.rank())
     nf4_local, nf4_total = D.nf4_payload_bytes(model)
     say(f"{adapter.method}: {summary}" + (f"; FSDP2 over {world} ranks, rank 0 holds {nf4_local / 2**20:.2f} of "
                                           f"{nf4_total / 2**20:.2f} MiB of NF4 weights" if sharded else ""))

@@ -12,6 +12,7 @@ test_resume.py: 1e-6 relative), and so must the final adapter tensors.
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -230,15 +231,21 @@ def test_sigkill_loop_never_leaves_a_broken_checkpoint(rows, tmp_path):
 
 
 def test_temporary_entries_are_never_checkpoints_and_resume_removes_them(tmp_path):
-    for name in ("checkpoint-2", ".tmp-checkpoint-9", ".tmp-old-checkpoint-3", ".tmp-abc123"):
+    for name in ("checkpoint-2", ".tmp-checkpoint-9", ".tmp-old-checkpoint-2", ".tmp-old-checkpoint-3",
+                 ".tmp-abc123"):
         (tmp_path / name).mkdir()
         (tmp_path / name / "trainer.json").write_text("{}")
     for name in (".tmp-metrics.jsonl", "predictions_step0.jsonl.tmp123", "predictions_step0.jsonl", "metrics.jsonl"):
         (tmp_path / name).write_text("x")
     assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+    # .tmp-old-checkpoint-3 without checkpoint-3: killed between publish's two renames, so the old
+    # complete version is put back; .tmp-old-checkpoint-2 beside checkpoint-2 is leftover.
     assert sorted(remove_stale(str(tmp_path))) == [".tmp-abc123", ".tmp-checkpoint-9", ".tmp-metrics.jsonl",
-                                                   ".tmp-old-checkpoint-3", "predictions_step0.jsonl.tmp123"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "metrics.jsonl", "predictions_step0.jsonl"]
+                                                   ".tmp-old-checkpoint-2", "predictions_step0.jsonl.tmp123"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-3", "metrics.jsonl",
+                                                         "predictions_step0.jsonl"]
+    assert latest_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-3")
+    shutil.rmtree(tmp_path / "checkpoint-3")
     # publish replaces a folder without ever leaving it half removed, and a file atomically
     (tmp_path / ".tmp-new").mkdir()
     (tmp_path / ".tmp-new" / "a").write_text("new")

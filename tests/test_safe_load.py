@@ -117,3 +117,15 @@ def test_a_byte_payload_that_runs_code_is_refused(tmp_path):
     state = {"optim": fresh.state_dict()}
     _load(tmp_path / "ok", state)
     assert state["optim"]["param_groups"][0]["lr"] == 1e-3
+
+
+def test_a_safetensors_index_cannot_point_outside_the_model_folder(tmp_path):
+    from qdora.streaming import safetensors_index
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"lm_head.weight": "../elsewhere/model.safetensors"}}')
+    with pytest.raises(ValueError, match="maps lm_head.weight to .*outside the model folder"):
+        safetensors_index(str(folder))
