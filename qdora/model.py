@@ -175,6 +175,20 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tok
 
 
+def max_positions(name_or_path: str, trust_remote_code: bool = False) -> int | None:
+    """The longest sequence the model's config allows (max_position_embeddings), or None if it
+    states none; read from the config alone, before any weight is loaded."""
+    from transformers import AutoConfig
+
+    path, extra = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, **extra)
+    except (OSError, ValueError):
+        return None  # load_model names the problem
+    limit = getattr(config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern) or re.fullmatch(pattern, name) is not None
 

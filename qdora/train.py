@@ -19,7 +19,8 @@ from .checkpoint import (TMP, check_resumable, latest_checkpoint, load_checkpoin
                          resume_point, save_adapter, save_checkpoint, write_json)
 from .data import IGNORE_INDEX, batches, encode_rows, load_rows, split_rows
 from .evaluate import evaluate
-from .model import DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, merged, prepare_model
+from .model import (DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, max_positions, merged,
+                    prepare_model)
 from .streaming import load_prepared
 
 # Learning rates used when --lr is not given: adapters tolerate (and need) much larger steps than
@@ -278,6 +279,10 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
     lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[adapter.method]
 
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    limit = max_positions(cfg.model, cfg.trust_remote_code)
+    if limit and cfg.max_length > limit:
+        raise ValueError(f"max_length={cfg.max_length} is beyond the model's max_position_embeddings={limit}; "
+                         f"pass --max_length={limit} or less")
     rows = load_rows(cfg.data)
     train_rows, held_out = split_rows(rows, cfg.eval_rows, cfg.seed, cfg.preset)
     examples, skipped = encode_rows(train_rows, tokenizer, cfg.max_length)

@@ -1,4 +1,4 @@
-"""The bad-input catalogue (docs/bad_inputs.md) of `qdora train`, `qdora eval` and `qdora compare`.
+"""The bad-input catalogue (docs/bad_inputs.md) of every qdora command.
 
 Every case must exit with code 2, print no traceback, end stderr with one `qdora: error:` line that
 names the problem and the fix, and leave no output files behind. Most cases fail before a model is
@@ -113,7 +113,7 @@ def w(tmp_path_factory):
         (folder / "model.safetensors").write_bytes(data)
         setattr(w, name, folder)
     # GPT-2 projections are transformers Conv1D, not nn.Linear: nothing to adapt but the head.
-    w.gpt2 = _tiny(t / "gpt2", GPT2Config(vocab_size=512, n_embd=16, n_layer=1, n_head=2, n_positions=64))
+    w.gpt2 = _tiny(t / "gpt2", GPT2Config(vocab_size=512, n_embd=16, n_layer=1, n_head=2, n_positions=512))
     tiny = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
     w.llama = _tiny(t / "llama", LlamaConfig(**tiny))
@@ -138,6 +138,9 @@ def w(tmp_path_factory):
     w.run_moved = _copy_run(run, t / "run_moved", edit=lambda m: m["train"].update(model=str(t / "gone")))
     w.run_noadapter = t / "run_noadapter"
     w.run_noadapter.mkdir()
+    # A trained run with a checkpoint, to resume with a changed setting.
+    w.ckrun = t / "ckrun"
+    assert main(T("--steps=2", "--save_every=1", "--eval_rows=0", "--lr=0.001")(w, w.ckrun)) == 0
     return w
 
 
@@ -157,6 +160,21 @@ def C(*extra):
     return lambda w, o: ["compare", f"--model={w.model}", f"--data={w.rows}", f"--out_dir={o}", "--steps=1",
                          "--batch_size=2", "--eval_rows=1", "--max_new_tokens=1", "--max_length=256",
                          "--methods=qdora", *[e.format(w=w, o=o) for e in extra]]
+
+
+def X(*extra):
+    """`qdora export` of the untrained run."""
+    return lambda w, o: ["export", f"--run={w.run}", f"--out_dir={o}", *[e.format(w=w, o=o) for e in extra]]
+
+
+def A(*extra):
+    """`qdora analyze` of stories260K against itself."""
+    return lambda w, o: ["analyze", f"--base={w.model}", f"--tuned={w.model}", f"--out_dir={o}",
+                         *[e.format(w=w, o=o) for e in extra]]
+
+
+def M(*extra):
+    return lambda w, o: ["memory", *[e.format(w=w, o=o) for e in extra]]
 
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
@@ -193,7 +211,7 @@ CASES = [
     ("weight-decay-negative", T("--weight_decay=-1"), "weight_decay and grad_clip must be >= 0", False),
     ("unknown-device", T("--device=tpu"), "device must be auto, cpu or cuda", False),
     pytest.param("cuda-without-gpu", T("--device=cuda"), "no CUDA device is visible", False, marks=NO_CUDA),
-    ("max-length-beyond-model", T("--max_length=4096"), "max_length=4096 is beyond the model's 512 tokens", False),
+    ("max-length-beyond-model", T("--max_length=4096"), "max_length=4096 is beyond the model's max_position_embeddings=512", False),
     # Models.
     ("model-path-missing", T("--model={w.tmp}/gone"), "does not exist or is not a directory", False),
     ("model-folder-without-config", T("--model={w.noconfig}"), "has no config.json", False),
@@ -246,6 +264,29 @@ CASES = [
     ("compare-out-dir-not-empty", C("--out_dir={w.full}"), "is not empty", False),
     ("compare-model-path-missing", C("--model={w.tmp}/gone"), "does not exist or is not a directory", False),
     ("compare-data-invalid", C("--data={w.badline}"), "line 2 is not valid JSON", False),
+    # Non-finite losses and resume (qdora train).
+    ("on-nonfinite-unknown", T("--on_nonfinite=ignore"), "on_nonfinite must be stop or skip, got 'ignore'", False),
+    ("resume-path-missing", T("--resume={w.tmp}/gone"), "is neither a training checkpoint", False),
+    ("resume-changed-setting", T("--out_dir={w.ckrun}", "--steps=2", "--resume=true", "--lr=0.002"),
+     "lr was 0.001 there but is 0.002 now", False),
+    # qdora export.
+    ("export-run-missing", X("--run={w.tmp}/gone"), "does not exist; pass a `qdora train` output folder", False),
+    ("export-run-without-adapter", X("--run={w.run_noadapter}"), "holds no qdora adapter", False),
+    ("export-adapter-corrupt", X("--run={w.run_corrupt}"), "the checkpoint is corrupt", False),
+    ("export-base-missing", X("--base={w.tmp}/gone"), "does not exist or is not a directory", False),
+    ("export-out-dir-not-empty", X("--out_dir={w.full}"), "exists and is not an empty folder", False),
+    ("export-unknown-dtype", X("--dtype=int8"), "dtype 'int8' is not one of", False),
+    ("export-bad-shard-size", X("--max_shard_size=lots"), "max_shard_size 'lots' is not a size", False),
+    ("export-unknown-format", X("--format=gguf"), "format 'gguf' is not one of", False),
+    # qdora analyze.
+    ("analyze-base-missing", A("--base={w.tmp}/gone"), "does not exist or is not a directory", False),
+    ("analyze-tuned-missing", A("--tuned={w.tmp}/gone"), "does not exist or is not a directory", False),
+    ("analyze-out-dir-not-empty", A("--out_dir={w.full}"), "exists and is not an empty folder", False),
+    # qdora memory.
+    ("memory-unknown-config", M("--config=nope"), "model config 'nope' is neither a shipped name", False),
+    ("memory-world-size-zero", M("--world_size=0"), "world_size must be a positive integer, got 0", False),
+    ("memory-seq-len-negative", M("--seq_len=-5"), "seq_len must be a positive integer, got -5", False),
+    ("memory-unknown-method", M("--method=lora"), "unknown method 'lora'", False),
 ]
 
 
@@ -301,7 +342,6 @@ def test_out_dir_not_writable(w, tmp_path, capsys):
         out.chmod(0o700)
 
 
-@pytest.mark.xfail(strict=False, reason="needs train.py: compare max_length with model.config.max_position_embeddings")
 def test_max_length_beyond_position_embeddings(w, tmp_path, capsys):
     """A model whose tokenizer states no limit: only the model config knows it (64 positions)."""
     out = tmp_path / "out"
