@@ -288,3 +288,34 @@ def load_run(path: str, device: str | torch.device = "cpu", trust_remote_code: b
                                  f"{tuple(params[name].shape)}; was it trained on another model?")
             params[name].copy_(value)
     return model.to(device), load_tokenizer(model_name, trust_remote_code), meta
+
+
+def written(out_dir: str) -> str:
+    """Where a finished run's files are, one line each."""
+    out = os.path.abspath(out_dir)
+    names = os.listdir(out)
+    steps = sorted(int(n[11:]) for n in names if n.startswith("checkpoint-") and n[11:].isdigit())
+    preds = [n for n in names if n.startswith("predictions_") and n.endswith(".jsonl")]
+    rows = [("adapter/", "trained tensors + config (qdora eval/export --run=...)")]
+    if steps:
+        rows.append(("checkpoint-N/", f"{len(steps)} for --resume (steps {steps[0]}..{steps[-1]})"))
+    rows.append(("metrics.jsonl", "loss, lr, grad norm, tokens/s, memory per step; evaluations"))
+    if preds:
+        rows.append(("predictions_step*.jsonl", f"held-out answers ({len(preds)} files)"))
+    rows.append(("summary.json", "exact match before/after, final loss, time, memory"))
+    return "\n".join([f"wrote {out}/"] + [f"  {name:<24} {what}" for name, what in rows])
+
+
+def kept_metrics(path: str, step: int) -> list[dict]:
+    """The records of a resumed run's metrics.jsonl up to its checkpoint's step (later steps are
+    trained again)."""
+    if not os.path.isfile(path):
+        return []
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # the last line of a killed run may be cut short
+                pass
+    return [r for r in records if "step" in r and r["step"] <= step]

@@ -316,3 +316,28 @@ def batches(examples: list[tuple[list[int], list[int]]], batch_size: int, pad_id
         rng.shuffle(groups)
     for group in groups:
         yield collate([examples[i] for i in group], pad_id)
+
+
+def rank_slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
+    """This rank's rows of a global batch (contiguous; equal shares, since batch_size is a multiple
+    of the world size). Only the short last batch of an epoch can leave a rank without rows: it gets
+    the first row with every label ignored, contributing nothing to the loss but still running
+    forward and backward with the others."""
+    if world == 1:
+        return batch
+    rows = torch.tensor_split(torch.arange(batch["input_ids"].shape[0]), world)[rank]
+    if rows.numel():
+        return {k: v[rows] for k, v in batch.items()}
+    out = {k: v[:1] for k, v in batch.items()}
+    out["labels"] = torch.full_like(out["labels"], IGNORE_INDEX)
+    return out
+
+
+def global_batches(examples, batch_size: int, pad_id: int, seed: int, epoch: int = 0, consumed: int = 0):
+    """Endless (epoch, batches consumed in that epoch, batch) from a data position, identical on
+    every rank: the order depends only on (seed, epoch)."""
+    while True:
+        for i, b in enumerate(batches(examples, batch_size, pad_id, seed, epoch)):
+            if i >= consumed:
+                yield epoch, i + 1, b
+        epoch, consumed = epoch + 1, 0

@@ -76,7 +76,7 @@ class MemoryConfig:
         world_size: FSDP2 ranks (1 = one GPU, no sharding).
         checkpointing: activation checkpointing of every decoder block (non-reentrant).
         offload: FSDP2 CPU offload of the sharded parameters, gradients and optimizer state.
-        loss_chunk: rows of logits materialized at once by the chunked loss (qdora.train.answer_loss).
+        loss_chunk: rows of logits materialized at once by the chunked loss (qdora.loss.answer_loss).
     """
 
     config: str = "llama-3-8b"

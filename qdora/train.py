@@ -9,16 +9,16 @@ import random
 import resource
 import time
 from dataclasses import asdict, dataclass
-from itertools import islice
 
 import torch
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from .checkpoint import (TMP, check_resumable, latest_checkpoint, load_checkpoint, publish, remove_stale,
-                         resume_point, save_adapter, save_checkpoint, write_json)
-from .data import IGNORE_INDEX, batches, encode_rows, load_rows, split_rows
+from .checkpoint import (TMP, check_resumable, kept_metrics, latest_checkpoint, load_checkpoint, publish,
+                         remove_stale, resume_point, save_adapter, save_checkpoint, write_json, written)
+from .data import encode_rows, global_batches, load_rows, rank_slice, split_rows
 from .evaluate import evaluate
+from .loss import answer_loss
 from .model import (DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, max_positions, merged,
                     prepare_model)
 from .streaming import load_prepared
@@ -152,33 +152,6 @@ def lr_lambda(warmup: int, steps: int):
     return f
 
 
-def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk: int = 1024) -> torch.Tensor:
-    """Sum of next-token cross-entropy over labelled (answer) tokens.
-
-    The output head is applied only to labelled positions, `chunk` rows at a time under activation
-    checkpointing, so fp32 logits for the whole sequence never exist at once.
-    """
-    labels = batch["labels"][:, 1:]
-    keep = labels != -100
-    decoder, head = getattr(model, "model", None), model.get_output_embeddings()
-    if decoder is None or head is None or getattr(model.config, "final_logit_softcapping", None):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), labels[keep], reduction="sum")
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-    hidden, targets = hidden[:, :-1][keep], labels[keep]
-
-    def piece(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(head(h).float(), t, reduction="sum")
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    # At least one (possibly empty) chunk, so a batch without labels still gives a loss connected to
-    # every parameter: under FSDP2 each rank must run the same backward (and reduce-scatters).
-    for i in range(0, max(hidden.shape[0], 1), chunk):
-        total = total + torch.utils.checkpoint.checkpoint(piece, hidden[i:i + chunk], targets[i:i + chunk],
-                                                          use_reentrant=False)
-    return total
-
-
 def prepare_out_dir(out_dir: str, resume: bool = False) -> None:
     if os.path.isfile(out_dir):
         raise ValueError(f"out_dir {out_dir!r} is a file; pass a folder path")
@@ -187,31 +160,6 @@ def prepare_out_dir(out_dir: str, resume: bool = False) -> None:
     os.makedirs(out_dir, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise ValueError(f"out_dir {out_dir!r} is not writable; pass another folder")
-
-
-def rank_slice(batch: dict[str, torch.Tensor], rank: int, world: int) -> dict[str, torch.Tensor]:
-    """This rank's rows of a global batch (contiguous; equal shares, since batch_size is a multiple
-    of the world size). Only the short last batch of an epoch can leave a rank without rows: it gets
-    the first row with every label ignored, contributing nothing to the loss but still running
-    forward and backward with the others."""
-    if world == 1:
-        return batch
-    rows = torch.tensor_split(torch.arange(batch["input_ids"].shape[0]), world)[rank]
-    if rows.numel():
-        return {k: v[rows] for k, v in batch.items()}
-    out = {k: v[:1] for k, v in batch.items()}
-    out["labels"] = torch.full_like(out["labels"], IGNORE_INDEX)
-    return out
-
-
-def global_batches(examples, batch_size: int, pad_id: int, seed: int, epoch: int = 0, consumed: int = 0):
-    """Endless (epoch, batches consumed in that epoch, batch) from a data position, identical on
-    every rank: the order depends only on (seed, epoch)."""
-    while True:
-        for i, b in enumerate(batches(examples, batch_size, pad_id, seed, epoch)):
-            if i >= consumed:
-                yield epoch, i + 1, b
-        epoch, consumed = epoch + 1, 0
 
 
 def build_model(cfg: TrainConfig, adapter: AdapterConfig, device: torch.device, sharded: bool):
@@ -426,37 +374,6 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
         tqdm.write(written(cfg.out_dir))
     D.barrier()
     return result
-
-
-def written(out_dir: str) -> str:
-    """Where a finished run's files are, one line each."""
-    out = os.path.abspath(out_dir)
-    names = os.listdir(out)
-    steps = sorted(int(n[11:]) for n in names if n.startswith("checkpoint-") and n[11:].isdigit())
-    preds = [n for n in names if n.startswith("predictions_") and n.endswith(".jsonl")]
-    rows = [("adapter/", "trained tensors + config (qdora eval/export --run=...)")]
-    if steps:
-        rows.append(("checkpoint-N/", f"{len(steps)} for --resume (steps {steps[0]}..{steps[-1]})"))
-    rows.append(("metrics.jsonl", "loss, lr, grad norm, tokens/s, memory per step; evaluations"))
-    if preds:
-        rows.append(("predictions_step*.jsonl", f"held-out answers ({len(preds)} files)"))
-    rows.append(("summary.json", "exact match before/after, final loss, time, memory"))
-    return "\n".join([f"wrote {out}/"] + [f"  {name:<24} {what}" for name, what in rows])
-
-
-def kept_metrics(path: str, step: int) -> list[dict]:
-    """The records of a resumed run's metrics.jsonl up to its checkpoint's step (later steps are
-    trained again)."""
-    if not os.path.isfile(path):
-        return []
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:  # the last line of a killed run may be cut short
-                pass
-    return [r for r in records if "step" in r and r["step"] <= step]
 
 
 def _meta(cfg: TrainConfig, adapter: AdapterConfig, step: int) -> dict:

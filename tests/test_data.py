@@ -344,7 +344,7 @@ def _manual_loss(model, batch, labels):
 
 
 def test_answer_loss_counts_only_answer_tokens(model, tok, gsm8k_rows):
-    from qdora.train import answer_loss
+    from qdora.loss import answer_loss
 
     examples = [encode_example(tok, r["question"], r["answer"]) for r in gsm8k_rows[:3]]
     assert len({len(e[0]) for e in examples}) == 3  # different lengths: the batch has padding
@@ -381,7 +381,7 @@ def test_answer_loss_counts_only_answer_tokens(model, tok, gsm8k_rows):
 def test_prompt_and_pad_predictions_get_no_gradient(model, tok, gsm8k_rows):
     """The loss does not depend on what the model predicts at prompt or pad positions: the gradient
     of the final hidden states there is exactly zero (their prediction targets are ignored)."""
-    from qdora.train import answer_loss
+    from qdora.loss import answer_loss
 
     examples = [encode_example(tok, r["question"], r["answer"]) for r in gsm8k_rows[3:5]]
     batch = collate(examples, tok.pad_token_id)

@@ -15,7 +15,7 @@ from qdora.dora import DoRALinear
 from qdora.memory import SHIPPED, MemoryConfig, load_config, memory, predict
 from qdora.model import DTYPES, AdapterConfig, prepare_model
 from qdora.nf4 import NF4Weight
-from qdora.train import answer_loss
+from qdora.loss import answer_loss
 
 TINY = dict(vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False)
