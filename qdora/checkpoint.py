@@ -25,10 +25,11 @@ import shutil
 import tempfile
 import time
 import warnings
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import distributed as D
@@ -37,6 +38,7 @@ from .model import AdapterConfig, load_model, load_tokenizer, prepare_model
 
 TENSORS, CONFIG = "adapter.safetensors", "qdora_config.json"
 STATE, TRAINER = "state", "trainer.json"
+ADAPTER_KINDS = ("lora_A", "lora_B", "magnitude")  # the tensors of one adapted module
 # TrainConfig fields that may change on --resume: they do not change what is computed.
 RESUME_FREE = frozenset({"out_dir", "resume", "eval_every", "eval_batch_size", "max_new_tokens", "merge_for_eval",
                          "save_every", "device", "trust_remote_code", "activation_checkpointing", "cpu_offload",
@@ -250,6 +252,60 @@ def load_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, p
         if device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)
     return trainer
+
+
+@dataclass
+class Run:
+    """A trained adapter in qdora's naming: `tensors` maps `module.lora_A|lora_B|magnitude` (or, for
+    ft, every trained parameter) to its tensor; `base` is the model it was trained on."""
+
+    folder: str
+    adapter: AdapterConfig
+    base: str
+    tensors: Mapping[str, torch.Tensor]
+    step: int = 0
+
+    def modules(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Adapted module name -> {lora_A, lora_B, magnitude} present for it (qdora/qlora only)."""
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name, t in self.tensors.items():
+            module, _, kind = name.rpartition(".")
+            if kind not in ADAPTER_KINDS:
+                raise ValueError(f"adapter tensor {name!r} is not a LoRA/DoRA tensor; is {self.folder!r} a "
+                                 f"{self.adapter.method} run?")
+            out.setdefault(module, {})[kind] = t
+        return out
+
+
+class SafetensorsFile(Mapping):
+    """The tensors of one safetensors file, each read when asked for: an ft run's adapter file
+    holds the whole model in float32, which an export should not hold at once."""
+
+    def __init__(self, path: str) -> None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path!r} is missing; the adapter folder is incomplete")
+        self.path = path
+        try:
+            with safe_open(path, "pt") as f:
+                self._keys = list(f.keys())
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"adapter tensors {path!r} cannot be read ({exc}); the checkpoint is corrupt") from None
+        self._set = set(self._keys)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._set:
+            raise KeyError(key)
+        with safe_open(self.path, "pt") as f:
+            return f.get_tensor(key)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._set
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
 
 
 def find_adapter(path: str) -> str:

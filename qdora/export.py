@@ -18,25 +18,23 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import CONFIG, TENSORS, find_adapter
+from .checkpoint import CONFIG, TENSORS, Run, SafetensorsFile, find_adapter
 from .dora import DoRALinear, LoRALinear
 from .model import DTYPES, AdapterConfig, load_model, resolve_model
 from .nf4 import NF4Weight
+from .peft_format import PEFT_CONFIG, read_peft, write_peft, write_qdora
 from .streaming import safetensors_index
 
 FORMATS = ("merged", "peft", "qdora")
 AGAINST = ("nf4", "original")
-PEFT_CONFIG, PEFT_TENSORS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
 INDEX = "model.safetensors.index.json"  # what we write
-_SUFFIX = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "magnitude": "lora_magnitude_vector"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -90,63 +88,6 @@ class ExportConfig:
                                     f"or a PEFT adapter folder")
 
 
-# ----------------------------------------------------------------------------------------- runs
-
-
-@dataclass
-class Run:
-    """A trained adapter in qdora's naming: `tensors` maps `module.lora_A|lora_B|magnitude` (or, for
-    ft, every trained parameter) to its tensor; `base` is the model it was trained on."""
-
-    folder: str
-    adapter: AdapterConfig
-    base: str
-    tensors: Mapping[str, torch.Tensor]
-    step: int = 0
-
-    def modules(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Adapted module name -> {lora_A, lora_B, magnitude} present for it (qdora/qlora only)."""
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for name, t in self.tensors.items():
-            module, _, kind = name.rpartition(".")
-            if kind not in _SUFFIX:
-                raise ValueError(f"adapter tensor {name!r} is not a LoRA/DoRA tensor; is {self.folder!r} a "
-                                 f"{self.adapter.method} run?")
-            out.setdefault(module, {})[kind] = t
-        return out
-
-
-class SafetensorsFile(Mapping):
-    """The tensors of one safetensors file, each read when asked for: an ft run's adapter file
-    holds the whole model in float32, which an export should not hold at once."""
-
-    def __init__(self, path: str) -> None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path!r} is missing; the adapter folder is incomplete")
-        self.path = path
-        try:
-            with safe_open(path, "pt") as f:
-                self._keys = list(f.keys())
-        except (SafetensorError, OSError) as exc:
-            raise ValueError(f"adapter tensors {path!r} cannot be read ({exc}); the checkpoint is corrupt") from None
-        self._set = set(self._keys)
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._set:
-            raise KeyError(key)
-        with safe_open(self.path, "pt") as f:
-            return f.get_tensor(key)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._set
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
 def read_run(path: str, base: str | None = None) -> Run:
     """A qdora run folder or a PEFT adapter folder, as a Run (PEFT keys mapped to ours)."""
     if os.path.isfile(os.path.join(path, PEFT_CONFIG)):
@@ -157,37 +98,6 @@ def read_run(path: str, base: str | None = None) -> Run:
     adapter = AdapterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["adapter"].items()})
     return Run(folder, adapter, base or meta["train"]["model"], SafetensorsFile(os.path.join(folder, TENSORS)),
                meta.get("step", 0))
-
-
-def read_peft(path: str, base: str | None = None) -> Run:
-    """Import a PEFT LoRA or DoRA adapter (safetensors only: we never unpickle) into qdora's naming."""
-    with open(os.path.join(path, PEFT_CONFIG)) as f:
-        cfg = json.load(f)
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{path!r} holds a {cfg.get('peft_type')} adapter; only PEFT LoRA/DoRA can be imported")
-    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ValueError(f"{path!r} uses per-module rank_pattern/alpha_pattern, which qdora does not support")
-    rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-    if cfg.get("use_rslora"):
-        alpha = alpha * rank ** 0.5  # rsLoRA scales by alpha / sqrt(r) = (alpha sqrt(r)) / r
-    model = base or cfg.get("base_model_name_or_path")
-    if not model:
-        raise ValueError(f"{path!r} names no base_model_name_or_path; pass --base")
-    tensors = {}
-    for key, t in SafetensorsFile(os.path.join(path, PEFT_TENSORS)).items():
-        name = key.removeprefix(PEFT_PREFIX)
-        for ours, theirs in _SUFFIX.items():
-            if name.endswith("." + theirs) or name.endswith(f".{theirs}.weight"):
-                module = name[: name.rindex("." + theirs.split(".")[0])]
-                tensors[f"{module}.{ours}"] = t.float()
-                break
-        else:
-            raise ValueError(f"PEFT tensor {key!r} is not a LoRA/DoRA factor (embedding adapters, "
-                             f"modules_to_save and biases are not supported)")
-    targets = tuple(sorted({n.rpartition(".")[0] for n in tensors}))
-    adapter = AdapterConfig(method="qdora" if cfg.get("use_dora") else "qlora", rank=rank, alpha=alpha,
-                            dropout=float(cfg.get("lora_dropout") or 0.0), targets=targets)
-    return Run(path, adapter, model, tensors)
 
 
 # ------------------------------------------------------------------------------- base tensors
@@ -382,44 +292,6 @@ def _write_configs(base: str, model, dtype: torch.dtype, trust_remote_code: bool
         AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **extra).save_pretrained(folder)
     except (OSError, ValueError) as exc:
         tqdm.write(f"warning: base {base!r} has no loadable tokenizer ({str(exc).splitlines()[0]}); none exported")
-
-
-# ------------------------------------------------------------------------------ adapter formats
-
-
-def write_peft(run: Run, folder: str) -> None:
-    """adapter_config.json + adapter_model.safetensors in PEFT's naming, loadable with
-    peft.PeftModel.from_pretrained on the 4-bit base (DoRA when the run is qdora)."""
-    if run.adapter.method == "ft":
-        raise ValueError(f"{run.folder!r} is a full fine-tuning run, which has no adapter; use --format merged")
-    modules = run.modules()
-    magnitude_only = sorted(m for m, parts in modules.items() if "lora_A" not in parts)
-    if magnitude_only:
-        raise ValueError(f"{len(magnitude_only)} magnitude-only modules (e.g. {magnitude_only[0]}) have no PEFT "
-                         f"equivalent; use --format merged")
-    tensors = {f"{PEFT_PREFIX}{m}.{_SUFFIX[kind]}": t.contiguous() for m, parts in modules.items()
-               for kind, t in parts.items()}
-    save_file(tensors, os.path.join(folder, PEFT_TENSORS), metadata={"format": "pt"})
-    a = run.adapter
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": run.base, "r": a.rank,
-              "lora_alpha": a.alpha, "lora_dropout": a.dropout, "target_modules": sorted(modules),
-              "use_dora": a.method == "qdora", "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
-              "inference_mode": True, "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {},
-              "alpha_pattern": {}}
-    with open(os.path.join(folder, PEFT_CONFIG), "w") as f:
-        json.dump(config, f, indent=2)
-
-
-def write_qdora(run: Run, folder: str) -> None:
-    """A qdora adapter folder (what `qdora train` saves), e.g. from an imported PEFT adapter: load_run,
-    `qdora eval` and `qdora export` take it."""
-    from .train import TrainConfig
-
-    save_file({k: t.contiguous() for k, t in run.tensors.items()}, os.path.join(folder, TENSORS))
-    meta = {"step": run.step, "train": asdict(TrainConfig(model=run.base)), "adapter": asdict(run.adapter),
-            "imported_from": os.path.abspath(run.folder)}
-    with open(os.path.join(folder, CONFIG), "w") as f:
-        json.dump(meta, f, indent=2)
 
 
 def _check_out_dir(out_dir: str) -> str:
