@@ -33,6 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from qdora.model import AdapterConfig, adapter_layers, prepare_model
+from qdora.streaming import trim_heap
 
 CONFIGS = ("qdora", "qlora", "peft-qdora", "peft-qlora")
 # glibc keeps freed heap chunks resident and raises its mmap threshold to the largest freed block, so
@@ -84,11 +85,10 @@ def rss_mb() -> float:
 def reset_peak_rss() -> None:
     """Return freed heap to the OS, then reset the kernel's peak-RSS mark (VmHWM), so that neither
     the peak nor the baseline carries what building (and quantizing) the model left behind."""
-    import ctypes
     import gc
 
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    trim_heap()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 

@@ -20,19 +20,17 @@ import csv
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .export import _check_out_dir, _publish_modes, as_trained
+from .export import as_trained
 from .model import AdapterConfig, _matches, load_model
 from .nf4 import NF4Weight
-from .streaming import safetensors_index
+from .outdir import check_new_out_dir, staged_folder
+from .streaming import read_tensors, safetensors_index
 
 _LAYER = re.compile(r"(?:^|\.)(\d+)\.(.+)\.weight$")
 _MARKERS = "osv^DPX*<>ph"
@@ -97,8 +95,7 @@ class TensorSource:
     def get(self, key: str) -> torch.Tensor:
         if self.state is not None:
             return self.state[key]
-        with safe_open(self.files[key], "pt") as f:
-            return f.get_tensor(key)
+        return read_tensors(self.files, [key])[key]
 
 
 def decomposition_change(base: torch.Tensor, tuned: torch.Tensor, chunk_elems: int = 1 << 22) -> tuple[float, float]:
@@ -180,7 +177,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
 
     Returns {label: {"pearson", "n", "rows"}}; writes analysis.csv, analysis.json and <label>.png.
     """
-    parent = _check_out_dir(cfg.out_dir)
+    check_new_out_dir(cfg.out_dir)
     base = TensorSource(cfg.base)
     labels = cfg.labels or tuple(os.path.basename(os.path.normpath(t)) for t in cfg.tuned)
     if len(set(labels)) != len(labels):
@@ -194,8 +191,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         r = pearson([row["delta_d"] for row in rows], [row["delta_m"] for row in rows])
         results[label] = {"pearson": r, "n": len(rows), "rows": rows}
         all_rows += rows
-    tmp = tempfile.mkdtemp(prefix=".tmp-analyze-", dir=parent)
-    try:
+    with staged_folder(cfg.out_dir, "analyze") as tmp:
         with open(os.path.join(tmp, "analysis.csv"), "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(all_rows[0]))
             writer.writeheader()
@@ -205,12 +201,6 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         for label, res in results.items():
             name = re.sub(r"[^\w.-]", "_", label) + ".png"
             _plot(res["rows"], label, res["pearson"], os.path.join(tmp, name))
-        _publish_modes(tmp)
-        if os.path.isdir(cfg.out_dir):
-            os.rmdir(cfg.out_dir)
-        os.replace(tmp, cfg.out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     for label, res in results.items():
         print(f"{label}: {res['n']} weights, Pearson r(ΔD, ΔM) = {res['pearson']:.3f}")
     print(f"wrote analysis.csv, analysis.json and plots to {os.path.abspath(cfg.out_dir)}")

@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from . import distributed as D
 from .dora import invalidate_norm_caches
 from .model import AdapterConfig, load_model, load_tokenizer, prepare_model
+from .outdir import TMP, publish
 
 TENSORS, CONFIG = "adapter.safetensors", "qdora_config.json"
 STATE, TRAINER = "state", "trainer.json"
@@ -43,8 +44,6 @@ ADAPTER_KINDS = ("lora_A", "lora_B", "magnitude")  # the tensors of one adapted 
 RESUME_FREE = frozenset({"out_dir", "resume", "eval_every", "eval_batch_size", "max_new_tokens", "merge_for_eval",
                          "save_every", "device", "trust_remote_code", "activation_checkpointing", "cpu_offload",
                          "low_memory_load", "on_nonfinite"})
-# Temporary entries (checkpoints, adapters, metrics and summary rewrites) start with this prefix.
-TMP = ".tmp-"
 
 
 def _test_pause() -> None:
@@ -53,49 +52,6 @@ def _test_pause() -> None:
     pause = os.environ.get("QDORA_TEST_SAVE_PAUSE")
     if pause:
         time.sleep(float(pause))
-
-
-def _fsync(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: str) -> None:
-    for root, _, files in os.walk(folder):
-        for name in files:
-            _fsync(os.path.join(root, name))
-        _fsync(root)
-
-
-def publish(tmp: str, path: str) -> None:
-    """Move the complete folder or file `tmp` to `path`. An existing `path` is first renamed to a
-    temporary name and removed afterwards, so at every moment `path` is either absent, the old
-    complete version or the new one (never a half-removed folder)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(tmp):
-        _fsync_tree(tmp)
-    else:
-        _fsync(tmp)
-    old = None
-    if os.path.isdir(path):
-        old = os.path.join(parent, f"{TMP}old-{os.path.basename(path)}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    _fsync(parent)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def write_json(path: str, obj, **kwargs) -> None:
-    """Write JSON to `path` atomically (temporary file, fsync, rename)."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), TMP + os.path.basename(path))
-    with open(tmp, "w") as f:
-        json.dump(obj, f, **kwargs)
-    publish(tmp, path)
 
 
 def remove_stale(folder: str) -> list[str]:

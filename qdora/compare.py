@@ -13,7 +13,8 @@ from typing import BinaryIO, TextIO
 
 from .data import load_rows, split_rows
 from .model import METHODS, AdapterConfig, resolve_model
-from .train import DEFAULT_LR, TrainConfig, prepare_out_dir
+from .outdir import prepare_out_dir
+from .train import DEFAULT_LR, TrainConfig
 
 # Flags of TrainConfig/AdapterConfig that compare sets per method itself.
 PER_METHOD = ("out_dir", "method", "lr")
@@ -125,9 +126,7 @@ def compare(cc: CompareConfig, tc: TrainConfig, ac: AdapterConfig) -> dict:
     write compare.md (table) and compare.png (loss and held-out accuracy curves)."""
     resolve_model(tc.model)  # bad model paths and data fail here, before any process starts
     split_rows(load_rows(tc.data), tc.eval_rows, tc.seed, tc.preset)
-    if os.path.isdir(cc.out_dir) and os.listdir(cc.out_dir):  # compare cannot resume: no --resume hint
-        raise ValueError(f"out_dir {cc.out_dir!r} is not empty; pass a new folder or remove it")
-    prepare_out_dir(cc.out_dir)
+    prepare_out_dir(cc.out_dir, hint="pass a new folder or remove it")  # compare cannot resume
     shared = _flags(tc, ac)
     rows = {}
     for method in cc.methods:

@@ -12,16 +12,12 @@ Everything is written to a temporary folder next to out_dir and renamed when com
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -29,12 +25,14 @@ from .checkpoint import CONFIG, TENSORS, Run, SafetensorsFile, find_adapter
 from .dora import DoRALinear, LoRALinear
 from .model import DTYPES, AdapterConfig, load_model, resolve_model
 from .nf4 import NF4Weight
+from .outdir import check_new_out_dir, staged_folder
 from .peft_format import PEFT_CONFIG, read_peft, write_peft, write_qdora
-from .streaming import safetensors_index
+from .streaming import mmap_large_allocations, read_tensors, safetensors_index
 
 FORMATS = ("merged", "peft", "qdora")
 AGAINST = ("nf4", "original")
 INDEX = "model.safetensors.index.json"  # what we write
+EXPORT_INFO = "qdora_export.json"  # the run, base and ExportConfig an export came from
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -107,9 +105,7 @@ def _stream(files: dict[str, str]):
     """(key, tensor) one at a time; the file is opened per tensor so no mapping of the whole
     checkpoint stays resident."""
     for key in sorted(files, key=lambda k: (files[k], k)):
-        with safe_open(files[key], "pt") as f:
-            t = f.get_tensor(key)
-        yield key, t
+        yield key, read_tensors(files, [key])[key]
 
 
 def base_tensors(base: str, trust_remote_code: bool):
@@ -225,17 +221,6 @@ class ShardWriter:
                       f, indent=2)
 
 
-def _return_freed_memory() -> None:
-    """Ask glibc to serve allocations of 1 MiB and more by mmap, so each freed layer-sized
-    temporary goes back to the OS at once. By default glibc raises its mmap threshold after such
-    frees (up to 32 MiB) and keeps later blocks in a heap that only grows, so streaming hundreds
-    of layers would ratchet the resident size up. Process-wide; a no-op off glibc."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def _write_merged(run: Run, cfg: ExportConfig, tmp: str) -> None:
     keys, tensors, model = base_tensors(run.base, cfg.trust_remote_code)
     ft = run.adapter.method == "ft"
@@ -249,7 +234,7 @@ def _write_merged(run: Run, cfg: ExportConfig, tmp: str) -> None:
         raise ValueError(f"base {run.base!r} has no {missing[:3]} ({len(missing)} missing) that the "
                          f"{run.adapter.method} run {run.folder!r} adapted; pass the --base it was trained on")
     dtype = DTYPES[cfg.dtype]
-    _return_freed_memory()
+    mmap_large_allocations()
     writer = ShardWriter(tmp, parse_size(cfg.max_shard_size))
     for key, t in tqdm(tensors, total=len(keys), desc="export", unit="tensor"):
         writer.make_room(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()))
@@ -294,51 +279,21 @@ def _write_configs(base: str, model, dtype: torch.dtype, trust_remote_code: bool
         tqdm.write(f"warning: base {base!r} has no loadable tokenizer ({str(exc).splitlines()[0]}); none exported")
 
 
-def _check_out_dir(out_dir: str) -> str:
-    """The parent folder to create the temporary folder in; refuses a non-empty out_dir."""
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise ValueError(f"out_dir {out_dir!r} exists and is not an empty folder; pass a new path")
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except OSError as exc:
-        raise ValueError(f"cannot create {parent!r} for out_dir ({exc.strerror}); pass a writable out_dir") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write in {parent!r}; pass an out_dir in a writable folder")
-    return parent
-
-
-def _publish_modes(folder: str) -> None:
-    """Ordinary permissions (umask applied) instead of mkdtemp's and safetensors' owner-only ones."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for name in os.listdir(folder):
-        os.chmod(os.path.join(folder, name), 0o666 & ~umask)
-
-
 def export(cfg: ExportConfig) -> dict:
     """Write a merged Hugging Face checkpoint, a PEFT adapter or a qdora adapter from a trained run.
 
     Returns {"out_dir", "format", "files"}. The output appears under cfg.out_dir only when complete.
     """
-    parent = _check_out_dir(cfg.out_dir)
+    check_new_out_dir(cfg.out_dir)
     run = read_run(cfg.run, cfg.base)
     if cfg.format == "merged":
         resolve_model(run.base)  # a missing base fails here, before any work
-    tmp = tempfile.mkdtemp(prefix=".tmp-export-", dir=parent)
-    try:
+    with staged_folder(cfg.out_dir, "export") as tmp:
         {"merged": _write_merged, "peft": lambda r, _, t: write_peft(r, t),
          "qdora": lambda r, _, t: write_qdora(r, t)}[cfg.format](run, cfg, tmp)
-        with open(os.path.join(tmp, "qdora_export.json"), "w") as f:
+        with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
             json.dump({"run": os.path.abspath(run.folder), "base": run.base, "method": run.adapter.method,
                        "step": run.step, **asdict(cfg)}, f, indent=2)
-        _publish_modes(tmp)
-        if os.path.isdir(cfg.out_dir):
-            os.rmdir(cfg.out_dir)  # empty, checked above
-        os.replace(tmp, cfg.out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     files = sorted(os.listdir(cfg.out_dir))
     print(f"wrote {cfg.format} export of {run.folder} ({len(files)} files) to {os.path.abspath(cfg.out_dir)}")
     return {"out_dir": os.path.abspath(cfg.out_dir), "format": cfg.format, "files": files}

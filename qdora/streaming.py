@@ -54,9 +54,10 @@ def safetensors_index(name_or_path: str) -> dict[str, str] | None:
     return out
 
 
-def _read(index: dict[str, str], names: list[str]) -> dict[str, torch.Tensor]:
-    """Tensors by name, each file opened (memory-mapped) only while its tensors are copied out, so
-    the mapped pages of the whole checkpoint never stay resident together."""
+def read_tensors(index: dict[str, str], names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Tensors by name from a safetensors_index, each file opened (memory-mapped) only while its
+    tensors are copied out (cast to `dtype` when given, before the next is read), so the mapped
+    pages of the whole checkpoint never stay resident together."""
     from safetensors import safe_open
 
     out, by_file = {}, {}
@@ -65,7 +66,8 @@ def _read(index: dict[str, str], names: list[str]) -> dict[str, torch.Tensor]:
     for file, keys in by_file.items():
         with safe_open(file, framework="pt") as f:
             for k in keys:
-                out[k] = f.get_tensor(k).to(torch.float32)  # what load_model(..., float32) holds
+                t = f.get_tensor(k)
+                out[k] = t if dtype is None else t.to(dtype)
     return out
 
 
@@ -130,10 +132,12 @@ def _stream(name_or_path: str, index: dict[str, str], cfg: AdapterConfig, seed: 
         todo = [(id_, uses) for id_, uses in aliases.items()
                 if any(full.startswith(prefix) for _, _, full in uses) and uses[0][0]._parameters[uses[0][1]].is_meta]
         for id_, uses in todo:  # one at a time: an embedding matrix in float32 is a big layer
-            p = nn.Parameter(_read(index, stored[id_][:1])[stored[id_][0]].to(compute), requires_grad=False)
+            t = read_tensors(index, stored[id_][:1], torch.float32)[stored[id_][0]]
+            p = nn.Parameter(t.to(compute), requires_grad=False)
+            del t
             for module, leaf, _ in uses:
                 module._parameters[leaf] = p
-            _trim()
+            trim_heap()
 
     def finish_blocks_before(name: str | None) -> None:
         for prefix, block in blocks:
@@ -152,13 +156,13 @@ def _stream(name_or_path: str, index: dict[str, str], cfg: AdapterConfig, seed: 
         parent_name, _, child = name.rpartition(".")
         linear = model.get_submodule(name)
         keys = [name + ".weight"] + ([name + ".bias"] if linear.bias is not None else [])
-        tensors = _read(index, keys)
+        tensors = read_tensors(index, keys, torch.float32)  # what load_model(..., float32) holds
         holder = _holder(name, linear.in_features, linear.out_features, tensors)
         mag = (name,) if any(_matches(name, p) for p in cfg.magnitude_only) else ()
         holder, _ = prepare_model(holder, replace(cfg, targets=(name,), magnitude_only=mag))
         setattr(model.get_submodule(parent_name), child, holder.get_submodule(name))
         del holder, tensors
-        _trim()
+        trim_heap()
     finish_blocks_before(None)
     fill("")
     summary = Summary(adapted=targets)
@@ -168,13 +172,26 @@ def _stream(name_or_path: str, index: dict[str, str], cfg: AdapterConfig, seed: 
     return model, summary
 
 
-def _trim() -> None:
-    """Give freed heap memory back to the system (glibc): without it, the float32 temporaries of
-    successive layers fragment the heap and the resident size grows by about a layer per layer."""
+def _glibc(function: str, *args: int) -> None:
+    """Call one of glibc's malloc tuning functions; a no-op with another C library."""
     try:
-        ctypes.CDLL(None).malloc_trim(0)
+        getattr(ctypes.CDLL(None), function)(*args)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+def trim_heap() -> None:
+    """Give freed heap memory back to the system (glibc): without it, the float32 temporaries of
+    successive layers fragment the heap and the resident size grows by about a layer per layer."""
+    _glibc("malloc_trim", 0)
+
+
+def mmap_large_allocations() -> None:
+    """Ask glibc to serve allocations of 1 MiB and more by mmap, so each freed layer-sized
+    temporary goes back to the OS at once. By default glibc raises its mmap threshold after such
+    frees (up to 32 MiB) and keeps later blocks in a heap that only grows, so streaming hundreds
+    of layers would ratchet the resident size up. Process-wide."""
+    _glibc("mallopt", -3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 def _before(prefix: str, name: str) -> bool:

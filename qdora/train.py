@@ -14,13 +14,14 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as D
-from .checkpoint import (TMP, check_resumable, kept_metrics, latest_checkpoint, load_checkpoint, publish,
-                         remove_stale, resume_point, save_adapter, save_checkpoint, write_json, written)
+from .checkpoint import (check_resumable, kept_metrics, latest_checkpoint, load_checkpoint, remove_stale,
+                         resume_point, save_adapter, save_checkpoint, written)
 from .data import encode_rows, global_batches, load_rows, rank_slice, split_rows
 from .evaluate import evaluate
 from .loss import answer_loss
 from .model import (DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, max_positions, merged,
                     prepare_model)
+from .outdir import TMP, prepare_out_dir, publish, write_json
 from .streaming import load_prepared
 
 # Learning rates used when --lr is not given: adapters tolerate (and need) much larger steps than
@@ -150,16 +151,6 @@ def lr_lambda(warmup: int, steps: int):
         progress = (step - warmup) / max(1, steps - warmup)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
     return f
-
-
-def prepare_out_dir(out_dir: str, resume: bool = False) -> None:
-    if os.path.isfile(out_dir):
-        raise ValueError(f"out_dir {out_dir!r} is a file; pass a folder path")
-    if not resume and os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise ValueError(f"out_dir {out_dir!r} is not empty; pass a new folder, remove it, or add --resume=true")
-    os.makedirs(out_dir, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise ValueError(f"out_dir {out_dir!r} is not writable; pass another folder")
 
 
 def build_model(cfg: TrainConfig, adapter: AdapterConfig, device: torch.device, sharded: bool):
