@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .export import as_trained
+from .checkpoint import CONFIG, adapter_config
+from .export import EXPORT_INFO, as_trained
 from .model import AdapterConfig, _matches, load_model
 from .nf4 import NF4Weight
 from .outdir import check_new_out_dir, staged_folder
@@ -49,9 +50,11 @@ class AnalyzeConfig:
         labels: names for the tuned models, comma-separated (default: their folder names).
         modules: only weights whose module name matches one of these patterns, comma-separated
             (e.g. q_proj,v_proj as the paper plots); default every 2-D weight inside numbered layers.
-        nf4_base: compare against the base as NF4-quantized and dequantized (blocksize 64, double
-            quantization, after a bf16 cast: qdora's defaults): use it for exports merged against
-            the NF4 base (QDoRA/QLoRA), which changed W0_nf4, not the original weights.
+        nf4_base: compare against the base as NF4-quantized and dequantized, as the run was
+            (compute dtype, blocksize and double quantization from a `qdora export` folder's
+            qdora_export.json; else qdora's defaults: bf16, 64, on): use it for exports merged
+            against the NF4 base (QDoRA/QLoRA), which changed W0_nf4, not the original weights.
+            Weights equal to the base (as is, or as training cast it) are left out: not adapted.
     """
 
     base: str
@@ -147,7 +150,25 @@ def _plot(rows: list[dict], label: str, r: float, path: str) -> None:
     plt.close(fig)
 
 
-def _compare(base: TensorSource, tuned: TensorSource, cfg: AnalyzeConfig, label: str) -> list[dict]:
+def trained_with(path: str) -> AdapterConfig:
+    """The adapter configuration of the run a `qdora export` folder was merged from (its
+    qdora_export.json, or for older exports the run folder it names); qdora's defaults otherwise."""
+    info_path = os.path.join(path, EXPORT_INFO)
+    if not os.path.isfile(info_path):
+        return AdapterConfig()
+    with open(info_path) as f:
+        info = json.load(f)
+    if "adapter" in info:
+        return adapter_config(info["adapter"])
+    run_config = os.path.join(info.get("run", ""), CONFIG)
+    if os.path.isfile(run_config):
+        with open(run_config) as f:
+            return adapter_config(json.load(f)["adapter"])
+    return AdapterConfig()
+
+
+def _compare(base: TensorSource, tuned: TensorSource, cfg: AnalyzeConfig, label: str,
+             adapter: AdapterConfig) -> list[dict]:
     rows = []
     keys = [k for k in tuned.keys if _LAYER.search(k) and k in base.keys
             and (not cfg.modules or any(_matches(_LAYER.search(k).group(2), p) for p in cfg.modules))]
@@ -159,11 +180,11 @@ def _compare(base: TensorSource, tuned: TensorSource, cfg: AnalyzeConfig, label:
         if b.shape != t.shape:
             raise ValueError(f"{key} has shape {tuple(t.shape)} in {label!r} but {tuple(b.shape)} in the base; "
                              f"pass the base model it was fine-tuned from")
+        if torch.equal(b.to(t.dtype), t) or torch.equal(as_trained(b, adapter).to(t.dtype), t):
+            continue  # untouched by fine-tuning (not adapted): the base as is or as training cast it
         if cfg.nf4_base:
-            a = AdapterConfig()
-            b = NF4Weight.quantize(as_trained(b, a), a.blocksize, a.double_quant).dequantize(torch.float32)
-        if torch.equal(b.float(), t.float()):
-            continue  # untouched by fine-tuning (not adapted)
+            b = NF4Weight.quantize(as_trained(b, adapter), adapter.blocksize, adapter.double_quant)
+            b = b.dequantize(torch.float32)
         dm, dd = decomposition_change(b, t)
         m = _LAYER.search(key)
         rows.append({"run": label, "key": key, "layer": int(m.group(1)), "module": m.group(2),
@@ -184,7 +205,7 @@ def analyze(cfg: AnalyzeConfig) -> dict:
         raise ValueError(f"tuned models need distinct labels, got {labels}; pass --labels")
     results, all_rows = {}, []
     for path, label in zip(cfg.tuned, labels):
-        rows = _compare(base, TensorSource(path), cfg, label)
+        rows = _compare(base, TensorSource(path), cfg, label, trained_with(path))
         if not rows:
             raise ValueError(f"{path!r} has no layer weight that differs from the base {cfg.base!r} "
                              f"(matching modules {cfg.modules or 'all'}); is it the right pair of models?")

@@ -264,6 +264,11 @@ class SafetensorsFile(Mapping):
         return len(self._keys)
 
 
+def adapter_config(saved: dict) -> AdapterConfig:
+    """The AdapterConfig a run saved (JSON lists back to tuples)."""
+    return AdapterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+
+
 def find_adapter(path: str) -> str:
     """The adapter folder of a run: `path` itself or `path/adapter`."""
     for candidate in (path, os.path.join(path, "adapter")):
@@ -284,7 +289,7 @@ def load_run(path: str, device: str | torch.device = "cpu", trust_remote_code: b
         tensors = load_file(os.path.join(folder, TENSORS))
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"adapter tensors in {folder!r} cannot be read ({exc}); the checkpoint is corrupt") from None
-    adapter = AdapterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["adapter"].items()})
+    adapter = adapter_config(meta["adapter"])
     model_name = meta["train"]["model"]
     model, _ = prepare_model(load_model(model_name, torch.float32, trust_remote_code), adapter)
     expected = {n for n, p in model.named_parameters() if p.requires_grad}

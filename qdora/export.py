@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import CONFIG, TENSORS, Run, SafetensorsFile, find_adapter
+from .checkpoint import CONFIG, TENSORS, Run, SafetensorsFile, adapter_config, find_adapter
 from .dora import DoRALinear, LoRALinear
 from .model import DTYPES, AdapterConfig, load_model, resolve_model
 from .nf4 import NF4Weight
@@ -93,7 +93,7 @@ def read_run(path: str, base: str | None = None) -> Run:
     folder = find_adapter(path)
     with open(os.path.join(folder, CONFIG)) as f:
         meta = json.load(f)
-    adapter = AdapterConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["adapter"].items()})
+    adapter = adapter_config(meta["adapter"])
     return Run(folder, adapter, base or meta["train"]["model"], SafetensorsFile(os.path.join(folder, TENSORS)),
                meta.get("step", 0))
 
@@ -293,7 +293,7 @@ def export(cfg: ExportConfig) -> dict:
          "qdora": lambda r, _, t: write_qdora(r, t)}[cfg.format](run, cfg, tmp)
         with open(os.path.join(tmp, EXPORT_INFO), "w") as f:
             json.dump({"run": os.path.abspath(run.folder), "base": run.base, "method": run.adapter.method,
-                       "step": run.step, **asdict(cfg)}, f, indent=2)
+                       "step": run.step, **asdict(cfg), "adapter": asdict(run.adapter)}, f, indent=2)
     files = sorted(os.listdir(cfg.out_dir))
     print(f"wrote {cfg.format} export of {run.folder} ({len(files)} files) to {os.path.abspath(cfg.out_dir)}")
     return {"out_dir": os.path.abspath(cfg.out_dir), "format": cfg.format, "files": files}

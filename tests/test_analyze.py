@@ -4,14 +4,23 @@ a direct float64 computation (1 - cos written the naive way); Pearson r against 
 import csv
 import json
 import math
+import os
+from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import STORIES, need
 from qdora.analyze import AnalyzeConfig, analyze, decomposition_change, pearson
+from qdora.checkpoint import save_adapter
 from qdora.cli import main
+from qdora.export import ExportConfig, as_trained, export
+from qdora.model import AdapterConfig, adapter_layers, load_model, prepare_model
+from qdora.nf4 import NF4Weight
+from qdora.train import TrainConfig
 
 LAYERS, MODULES = 3, {"self_attn.q_proj": (32, 48), "self_attn.v_proj": (16, 48), "mlp.down_proj": (48, 40)}
 
@@ -126,3 +135,36 @@ def test_cli_modules_filter_and_bad_input(models, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("qdora: error:") and message in err, (argv, err)
     assert not (tmp_path / "bad").exists()
+
+
+def test_nf4_base_of_a_restricted_export_reports_only_adapted_weights(tmp_path):
+    """Review S10: a merged export of a run adapting q_proj only (blocksize 128, no double
+    quantization) against stories260K's float32 base. --nf4_base must leave out the weights the
+    run did not adapt (exported as a plain cast, not NF4) and quantize the adapted ones as that run
+    did (its configuration read from the export's qdora_export.json), not with qdora's defaults."""
+    base = str(need(STORIES))
+    cfg = AdapterConfig(rank=4, alpha=8.0, targets=("q_proj",), blocksize=128, double_quant=False)
+    torch.manual_seed(0)
+    model, _ = prepare_model(load_model(base, torch.float32), cfg)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            layer.lora_B.normal_(0, 0.05)
+            layer.magnitude.mul_(torch.empty_like(layer.magnitude).uniform_(0.8, 1.2))
+    (tmp_path / "run").mkdir()
+    save_adapter(model, str(tmp_path / "run" / "adapter"),
+                 {"step": 1, "train": asdict(TrainConfig(model=base)), "adapter": asdict(cfg)})
+    export(ExportConfig(run=str(tmp_path / "run"), out_dir=str(tmp_path / "merged")))
+    res = analyze(AnalyzeConfig(base=base, tuned=(str(tmp_path / "merged"),), out_dir=str(tmp_path / "out"),
+                                nf4_base=True))
+    rows = res["merged"]["rows"]
+    q_proj = sorted(n + ".weight" for n in adapter_layers(model))
+    assert sorted(row["key"] for row in rows) == q_proj  # nothing the run left unadapted
+    shard = json.loads((tmp_path / "merged" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(shard.values()) == {"model-00001-of-00001.safetensors"}
+    with safe_open(os.path.join(base, "model.safetensors"), "pt") as fb, \
+            safe_open(str(tmp_path / "merged" / "model-00001-of-00001.safetensors"), "pt") as ft:
+        for row in rows:
+            w0 = NF4Weight.quantize(as_trained(fb.get_tensor(row["key"]), cfg), 128, False).dequantize(torch.float32)
+            want = decomposition_change(w0, ft.get_tensor(row["key"]))
+            assert row["delta_m"] == pytest.approx(want[0], rel=1e-12) and row["delta_d"] == pytest.approx(
+                want[1], rel=1e-12), row["key"]
