@@ -28,3 +28,12 @@ def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not present (shared data lives in ../shared/data)")
     return path
+
+
+def gsm8k_rows(folder: Path, n: int) -> Path:
+    """The first n short GSM8K training rows (under 330 characters of JSON) as folder/rows.jsonl."""
+    src = need(GSM8K / "train.jsonl")
+    lines = [line for line in src.read_text().splitlines() if len(line) < 330][:n]
+    path = folder / "rows.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

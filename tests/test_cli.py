@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from conftest import GSM8K, STORIES, need
+from conftest import STORIES, gsm8k_rows, need
 from qdora.checkpoint import load_run
 from qdora.cli import main
 from qdora.model import adapter_layers
@@ -14,11 +14,7 @@ from qdora.model import adapter_layers
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
     """24 short GSM8K training rows: small enough to memorize, so the loss must fall."""
-    src = need(GSM8K / "train.jsonl")
-    lines = [line for line in src.read_text().splitlines() if len(line) < 330][:24]
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return gsm8k_rows(tmp_path_factory.mktemp("data"), 24)
 
 
 def common(rows, out):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import qdora.train
-from conftest import GSM8K, STORIES, need
+from conftest import STORIES, gsm8k_rows, need
 from safetensors.torch import load_file
 
 from qdora.checkpoint import latest_checkpoint, load_checkpoint, load_run, publish, remove_stale
@@ -34,11 +34,7 @@ KILLS, STEPS = 24, 24
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
-    src = need(GSM8K / "train.jsonl")
-    lines = [line for line in src.read_text().splitlines() if len(line) < 330][:22]
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return gsm8k_rows(tmp_path_factory.mktemp("data"), 22)
 
 
 def flags(rows, out, *extra) -> list[str]:

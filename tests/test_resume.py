@@ -6,18 +6,14 @@ import shutil
 import pytest
 import torch
 
-from conftest import GSM8K, STORIES, need
+from conftest import STORIES, gsm8k_rows, need
 from qdora.checkpoint import latest_checkpoint, load_run
 from qdora.cli import main
 
 
 @pytest.fixture(scope="module")
 def rows(tmp_path_factory):
-    src = need(GSM8K / "train.jsonl")
-    lines = [line for line in src.read_text().splitlines() if len(line) < 330][:22]
-    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return gsm8k_rows(tmp_path_factory.mktemp("data"), 22)
 
 
 def flags(rows, out, *extra) -> list[str]:
