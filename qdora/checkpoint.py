@@ -1,5 +1,6 @@
 """Checkpoints: the trainable tensors of a run and the configuration that rebuilds it (adapter
-format, read by eval/export), plus, in training checkpoints, everything `--resume` needs.
+format, read by eval/export: load_run, Run, SafetensorsFile), plus, in training checkpoints,
+everything `--resume` needs, and what a finished run's folder holds (written, kept_metrics).
 
 A training checkpoint `out_dir/checkpoint-N/` holds:
     adapter.safetensors, qdora_config.json   full trainable tensors + configs (rank 0), as `adapter/`
