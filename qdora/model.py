@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .dora import NORM_MODES, DoRALinear, LoRALinear
 from .nf4 import BLOCKSIZES, NF4Weight
@@ -233,7 +234,8 @@ def prepare_model(model: nn.Module, cfg: AdapterConfig) -> tuple[nn.Module, Summ
         model.to(DTYPES[cfg.compute_dtype])
         for p in model.parameters():
             p.requires_grad_(False)
-        for name in names:
+        # one layer at a time when streaming (its own bar there); a bar over the model's layers otherwise
+        for name in tqdm(names, desc="quantize to NF4", unit="layer", leave=False, disable=len(names) == 1):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             linear = getattr(parent, child)

@@ -21,6 +21,7 @@ from dataclasses import replace
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .model import (DTYPES, AdapterConfig, Summary, _matches, count_base_parameters, find_targets, prepare_model,
                     resolve_model)
@@ -151,7 +152,7 @@ def _stream(name_or_path: str, index: dict[str, str], cfg: AdapterConfig, seed: 
                 on_block(block)
 
     torch.manual_seed(seed)
-    for name in targets:
+    for name in tqdm(targets, desc="load + quantize to NF4", unit="layer", leave=False):
         finish_blocks_before(name)
         parent_name, _, child = name.rpartition(".")
         linear = model.get_submodule(name)
