@@ -15,19 +15,18 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .checkpoint import CONFIG, TENSORS, Run, SafetensorsFile, adapter_config, find_adapter
-from .dora import DoRALinear, LoRALinear
-from .model import DTYPES, AdapterConfig, load_model, resolve_model
-from .nf4 import NF4Weight
+from .dora import LoRALinear
+from .model import DTYPES, AdapterConfig, load_model, prepare_model, resolve_model
 from .outdir import check_new_out_dir, staged_folder
 from .peft_format import PEFT_CONFIG, read_peft, write_peft, write_qdora
-from .streaming import mmap_large_allocations, read_tensors, safetensors_index
+from .streaming import layer_holder, mmap_large_allocations, read_tensors, safetensors_index
 
 FORMATS = ("merged", "peft", "qdora")
 AGAINST = ("nf4", "original")
@@ -143,15 +142,13 @@ def as_trained(t: torch.Tensor, adapter: AdapterConfig) -> torch.Tensor:
 
 
 def adapted_layer(weight: torch.Tensor, parts: dict[str, torch.Tensor], adapter: AdapterConfig) -> LoRALinear:
-    """One DoRALinear/LoRALinear on the NF4 base `weight` quantized as prepare_model does, holding
-    the trained factors in `parts`."""
-    nf4 = NF4Weight.quantize(as_trained(weight, adapter), adapter.blocksize, adapter.double_quant)
-    rank = parts["lora_A"].shape[0] if "lora_A" in parts else 0
-    dtype = next(iter(parts.values())).dtype
-    if adapter.method == "qdora":
-        layer = DoRALinear(nf4, None, rank, adapter.alpha, dtype=dtype)
-    else:
-        layer = LoRALinear(nf4, None, rank, adapter.alpha, dtype=dtype)
+    """One DoRALinear/LoRALinear built by prepare_model itself (same casts, NF4 quantization and
+    method branch as training) on the base `weight`, holding the trained factors in `parts`."""
+    name = "layer"
+    holder = layer_holder(name, weight.shape[1], weight.shape[0], {name + ".weight": weight.float()})
+    magnitude_only = (name,) if adapter.method == "qdora" and "lora_A" not in parts else ()
+    holder, _ = prepare_model(holder, replace(adapter, targets=(name,), magnitude_only=magnitude_only))
+    layer = holder.get_submodule(name)
     params = dict(layer.named_parameters())
     with torch.no_grad():
         for kind, t in parts.items():

@@ -158,7 +158,7 @@ def _stream(name_or_path: str, index: dict[str, str], cfg: AdapterConfig, seed: 
         linear = model.get_submodule(name)
         keys = [name + ".weight"] + ([name + ".bias"] if linear.bias is not None else [])
         tensors = read_tensors(index, keys, torch.float32)  # what load_model(..., float32) holds
-        holder = _holder(name, linear.in_features, linear.out_features, tensors)
+        holder = layer_holder(name, linear.in_features, linear.out_features, tensors)
         mag = (name,) if any(_matches(name, p) for p in cfg.magnitude_only) else ()
         holder, _ = prepare_model(holder, replace(cfg, targets=(name,), magnitude_only=mag))
         setattr(model.get_submodule(parent_name), child, holder.get_submodule(name))
@@ -201,7 +201,7 @@ def _before(prefix: str, name: str) -> bool:
     return key(prefix) < key(name)
 
 
-def _holder(name: str, in_f: int, out_f: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
+def layer_holder(name: str, in_f: int, out_f: int, tensors: dict[str, torch.Tensor]) -> nn.Module:
     """A module tree holding only the linear `name` (same dotted path, so every target pattern
     matches it as it matches in the full model) with the checkpoint's tensors."""
     root = nn.Module()
