@@ -33,7 +33,19 @@ from torch import nn
 # bitsandbytes logs a warning at import when the optional PyPI package `kernels` is missing; it is
 # optional for us too, so keep it out of our users' terminals.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-import bitsandbytes.functional as bnbF  # noqa: E402
+
+
+class _Lazy:
+    """bitsandbytes.functional, imported on first use: its import takes seconds, and a command that
+    only checks its flags (or --help) should not wait for it."""
+
+    def __getattr__(self, name: str):
+        import bitsandbytes.functional
+
+        return getattr(bitsandbytes.functional, name)
+
+
+bnbF = _Lazy()
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256  # bitsandbytes' block size for the second-level (double) quantization
