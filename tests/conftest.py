@@ -1,3 +1,4 @@
+import json
 import os
 
 # Triton kernels run in the interpreter unless asked otherwise (TRITON_INTERPRET=0 on a GPU). It must
@@ -28,6 +29,17 @@ def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is not present (shared data lives in ../shared/data)")
     return path
+
+
+def metrics(out: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl, in order."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def override(base: list[str], extra) -> list[str]:
+    """`base` flags with those named in `extra` (--name=value) replaced by extra's, which come last."""
+    names = {e.split("=")[0] for e in extra}
+    return [f for f in base if f.split("=")[0] not in names] + list(extra)
 
 
 def gsm8k_rows(folder: Path, n: int) -> Path:

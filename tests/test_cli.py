@@ -3,9 +3,8 @@
 import json
 
 import pytest
-import torch
 
-from conftest import STORIES, gsm8k_rows, need
+from conftest import STORIES, gsm8k_rows, metrics, need
 from qdora.checkpoint import load_run
 from qdora.cli import main
 from qdora.model import adapter_layers
@@ -26,8 +25,7 @@ def common(rows, out):
 def test_train_each_method_end_to_end(rows, tmp_path, method, lr):
     out = tmp_path / method
     assert main(["train", *common(rows, out), f"--method={method}", f"--lr={lr}", "--save_every=5"]) == 0
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    losses = [r["loss"] for r in records if "loss" in r]
+    losses = [r["loss"] for r in metrics(out) if "loss" in r]
     assert len(losses) == 10 and all(l == l for l in losses)
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3  # memorizing 24 rows: the loss falls
     for step in (0, 10):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import qdora.train
-from conftest import STORIES, gsm8k_rows, need
+from conftest import STORIES, gsm8k_rows, metrics, need, override
 from safetensors.torch import load_file
 
 from qdora.checkpoint import latest_checkpoint, load_checkpoint, load_run, publish, remove_stale
@@ -43,12 +43,7 @@ def flags(rows, out, *extra) -> list[str]:
     base = ["train", f"--model={need(STORIES)}", f"--data={rows}", f"--out_dir={out}", f"--steps={STEPS}",
             "--batch_size=3", "--eval_rows=0", "--max_length=512", "--rank=8", "--warmup=1", "--lr=1e-2",
             "--dropout=0.1", "--save_every=1", "--compute_dtype=float32"]
-    names = {e.split("=")[0] for e in extra}
-    return [f for f in base if f.split("=")[0] not in names] + list(extra)
-
-
-def records(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return override(base, extra)
 
 
 def error(capsys) -> str:
@@ -59,7 +54,7 @@ def error(capsys) -> str:
 
 
 def step_losses(out) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(out) if "loss" in r}
+    return {r["step"]: r["loss"] for r in metrics(out) if "loss" in r}
 
 
 DRIVER = r'''
@@ -216,7 +211,7 @@ def test_sigkill_loop_never_leaves_a_broken_checkpoint(rows, tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp-")]
     got, expected = step_losses(out), step_losses(ref)
     assert list(got) == list(range(1, STEPS + 1)) == list(expected)
-    assert [r["step"] for r in records(out) if "loss" in r] == list(range(1, STEPS + 1))  # each step once
+    assert [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, STEPS + 1))  # each step once
     torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(list(expected.values())),
                                rtol=1e-6, atol=0)
     a, b = load_run(str(ref))[0], load_run(str(out))[0]
@@ -285,13 +280,13 @@ def test_nonfinite_stop_then_resume_with_skip(rows, tmp_path, monkeypatch, capsy
                    "--on_nonfinite=skip (with --resume=true to continue from checkpoint-2)")
     assert latest_checkpoint(str(out)) == str(out / "checkpoint-2") and not (out / "adapter").exists()
     assert load_run(str(out / "checkpoint-2"))[2]["step"] == 2
-    assert records(out)[-1] == {"step": 3, "skipped_nonfinite": False, "reason": "loss became nan", "epoch": 0}
+    assert metrics(out)[-1] == {"step": 3, "skipped_nonfinite": False, "reason": "loss became nan", "epoch": 0}
 
     # on_nonfinite may change on resume; the same batch (step 3) is non-finite again and is skipped.
     monkeypatch.setattr(qdora.train, "answer_loss", Inject(at=1))
     assert main(flags(rows, out, "--steps=5", "--resume=true", "--on_nonfinite=skip")) == 0
     assert "step 3: loss became nan; skipped (no optimizer or learning-rate step)" in capsys.readouterr().out
-    recs = records(out)
+    recs = metrics(out)
     assert [r for r in recs if r.get("step") == 3] == [
         {"step": 3, "skipped_nonfinite": True, "reason": "loss became nan", "epoch": 0}]
     assert sorted(step_losses(out)) == [1, 2, 4, 5]
@@ -317,7 +312,7 @@ def test_too_many_nonfinite_steps_in_a_row_stop(rows, tmp_path, monkeypatch, cap
     assert err.startswith("qdora: error: gradient norm became ")
     assert f"at step {MAX_NONFINITE_IN_A_ROW + 1}, the {MAX_NONFINITE_IN_A_ROW}th step in a row" in err
     assert "steps 2-11 skipped" in err and "lower --lr or check the data" in err
-    skipped = [r["step"] for r in records(out) if r.get("skipped_nonfinite")]
+    skipped = [r["step"] for r in metrics(out) if r.get("skipped_nonfinite")]
     assert skipped == list(range(2, MAX_NONFINITE_IN_A_ROW + 2))
 
 
@@ -353,7 +348,7 @@ def test_fsdp_ranks_agree_to_skip_a_step_one_rank_found_nonfinite(rows, tmp_path
                                                "--on_nonfinite=skip")[1:]],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert [r["step"] for r in records(out) if r.get("skipped_nonfinite")] == [3]
+    assert [r["step"] for r in metrics(out) if r.get("skipped_nonfinite")] == [3]
     assert sorted(step_losses(out)) == [1, 2, 4]
     # Neither rank stepped its shards at step 3 (the checkpoint gathers both), both did at step 4.
     t2, t3, t4 = (load_file(out / name / "adapter.safetensors") for name in ("checkpoint-2", "checkpoint-3", "adapter"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import GSM8K, STORIES, need
+from conftest import GSM8K, STORIES, metrics, need
 from qdora.checkpoint import load_run
 from qdora.cli import main
 from qdora.model import adapter_layers
@@ -49,8 +49,7 @@ def flags(rows, out, method: str, steps: int = 9, extra=()) -> list[str]:
 
 
 def losses(out) -> list[float]:
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+    return [r["loss"] for r in metrics(out) if "loss" in r]
 
 
 def merged_weights(out) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import STORIES, gsm8k_rows, need
+from conftest import STORIES, gsm8k_rows, metrics, need, override
 from qdora.checkpoint import latest_checkpoint, load_run
 from qdora.cli import main
 
@@ -22,16 +22,11 @@ def flags(rows, out, *extra) -> list[str]:
     base = ["train", f"--model={need(STORIES)}", f"--data={rows}", f"--out_dir={out}", "--steps=7", "--batch_size=3",
             "--grad_accum=2", "--eval_rows=0", "--max_length=512", "--rank=8", "--warmup=1", "--lr=1e-2",
             "--dropout=0.1", "--save_every=3", "--compute_dtype=float32"]
-    names = {e.split("=")[0] for e in extra}
-    return [f for f in base if f.split("=")[0] not in names] + list(extra)
-
-
-def records(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return override(base, extra)
 
 
 def losses(out) -> list[float]:
-    return [r["loss"] for r in records(out) if "loss" in r]
+    return [r["loss"] for r in metrics(out) if "loss" in r]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +53,7 @@ def test_resume_repeats_the_uninterrupted_run(full_run, rows, tmp_path, resume):
     arg = "true" if resume == "true" else str(out / "checkpoint-3")
     assert main(flags(rows, out, f"--resume={arg}")) == 0
     expected, got = losses(full_run), losses(out)
-    assert len(got) == 7 and [r["step"] for r in records(out) if "loss" in r] == list(range(1, 8))
+    assert len(got) == 7 and [r["step"] for r in metrics(out) if "loss" in r] == list(range(1, 8))
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-6, atol=0)
     a, b = load_run(str(full_run))[0], load_run(str(out))[0]
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
