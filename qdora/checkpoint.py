@@ -82,14 +82,19 @@ def save_adapter(model: torch.nn.Module, path: str, meta: dict) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     tmp = tempfile.mkdtemp(prefix=TMP, dir=parent)
     try:
-        save_file(tensors, os.path.join(tmp, TENSORS))
-        _test_pause()
-        with open(os.path.join(tmp, CONFIG), "w") as f:
-            json.dump(meta, f, indent=2)
+        _write_adapter(tmp, tensors, meta)
         _test_pause()
         publish(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_adapter(folder: str, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """The adapter format inside a (temporary) folder: trainable tensors and the run's configuration."""
+    save_file(tensors, os.path.join(folder, TENSORS))
+    _test_pause()
+    with open(os.path.join(folder, CONFIG), "w") as f:
+        json.dump(meta, f, indent=2)
 
 
 def gathered_trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -131,10 +136,7 @@ def save_checkpoint(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, p
     save_file(_rng_state(device), os.path.join(tmp, f"rng-rank{D.rank()}.safetensors"))
     tensors = gathered_trainable(model)
     if D.is_main():
-        save_file(tensors, os.path.join(tmp, TENSORS))
-        _test_pause()
-        with open(os.path.join(tmp, CONFIG), "w") as f:
-            json.dump(meta, f, indent=2)
+        _write_adapter(tmp, tensors, meta)
         trainer = {**position, "step": meta["step"], "scheduler": sched.state_dict(),
                    "python_rng": random.getstate(), "world_size": D.world_size()}
         with open(os.path.join(tmp, TRAINER), "w") as f:

@@ -47,8 +47,6 @@ def init_from_env(device: str = "auto", timeout_s: float = 600.0) -> torch.devic
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
                                 device_id=device if cuda else None)
-    if dist.get_rank() != 0:
-        os.environ["TQDM_DISABLE"] = "1"  # progress bars on rank 0 only
     return device
 
 
