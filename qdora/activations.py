@@ -68,19 +68,20 @@ def _block(s: _Saved, i: int, cfg, adapter: AdapterConfig, adapted: dict[tuple[i
             xd = s.add(f"{key}.xdrop", c * n * fin)
             if x_rg:  # CUDA's fused dropout keeps a bool mask; the CPU path a scaled mask in the input dtype
                 s.add(f"{key}.mask", (1 if device == "cuda" else c) * n * fin)
-        # qdora.dora._AdapterFunction saves x, x_d, A x and keeps s B (diag(g) s B) in the compute
-        # dtype; QDoRA also saves the output and g (A, B, m and the bias are parameters)
+        # qdora.dora._AdapterFunction saves x, x_d, A x, A in the compute dtype (a copy when the
+        # adapters are stored in another dtype) and keeps s B (diag(g) s B) in the compute dtype;
+        # QDoRA also saves the output and g (A, B, m, the bias and the cached norm persist anyway)
         s.add(x, c * n * fin)
         s.add(xd, c * n * fin)
         if r:
             s.add(f"{key}.ax", c * n * r)
+            if DTYPES[adapter.adapter_dtype] != DTYPES[adapter.compute_dtype]:
+                s.add(f"{key}.Ac", c * r * fin)
             if not recompute:
                 s.add(f"{key}.Bs", c * fout * r)
         if adapter.method == "qdora":
             s.add(f"{key}.out", c * n * fout)
             s.add(f"{key}.g", 4 * fout)
-            if not r:  # magnitude only: ||W0|| is recomputed (not cached) and saved
-                s.add(f"{key}.norm", 4 * fout)
         return True
 
     hd, q, kv = dims["q_proj"][1] // nh, dims["q_proj"][1], dims["k_proj"][1]

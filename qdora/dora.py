@@ -181,6 +181,8 @@ class DoRALinear(LoRALinear):
         return self.weight.row_sq_norms(self.row_scale)
 
     def _cache_key(self) -> tuple:
+        if not self.rank:
+            return (self.w0_sq.data_ptr(), self.w0_sq._version)
         A, B = self.lora_A, self.lora_B
         return (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), self.w0_sq.data_ptr())
 
@@ -190,46 +192,48 @@ class DoRALinear(LoRALinear):
             return None
         return self._norm_cache[1]
 
-    def _norm_detached(self, dense: torch.Tensor | None = None) -> torch.Tensor:
+    def _norm_detached(self, dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None) -> torch.Tensor:
         """||V||_row in fp32, no graph; recomputed only after an optimizer step or an in-place edit.
-        `dense`, when given, is W0 already dequantized for this forward, reused for W0 @ A^T."""
-        if not self.rank:
-            return self._norm_from_wa(None, None, None)
+        `dense`, when given, is W0 already dequantized for this forward, reused for W0 @ A^T, and
+        `A_c` is A already cast to its dtype."""
         norm = self._cached_norm()
         if norm is not None:
             return norm
         A, B = self.lora_A, self.lora_B
         with torch.no_grad():
-            if _use_triton(A.device):
+            if not self.rank:
+                norm = self._norm_from_wa(None, None, None)
+            elif _use_triton(A.device):
                 from qdora.kernels.dora_norm import dora_row_norm
                 norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
             else:
-                norm = self._norm_torch(A.float(), B.float(), dense)
+                norm = self._norm_torch(A.float(), B.float(), dense, A_c)
         self._norm_cache = (self._cache_key(), norm)
         return norm
 
-    def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, dense: torch.Tensor | None = None) -> torch.Tensor:
+    def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, dense: torch.Tensor | None = None,
+                    A_c: torch.Tensor | None = None) -> torch.Tensor:
         """Factored row norm in fp32 (A and B given in fp32). W0 @ A^T is one matmul on `dense` (W0 in
         the compute dtype, from this forward) when given: fp32 accumulation, each of the out x r
         results rounded once to that dtype (a relative 2^-9 on the cross term in bf16, ~3e-5 on the
         norm, far under bf16's own rounding). Otherwise it runs over float32 row chunks dequantized
         from NF4, each small enough to stay in cache (never an out x in fp32 copy)."""
         if dense is not None:
-            Ad = self.lora_A if self.lora_A.dtype == dense.dtype else A.to(dense.dtype)
-            wa = (dense @ Ad.T).float()
+            if A_c is None or A_c.dtype != dense.dtype:
+                A_c = A.to(dense.dtype)
+            wa = (dense @ A_c.T).float()
         else:
             wa = torch.cat([w @ A.T for _, w in self.weight.row_chunks(chunk_elems=NORM_CHUNK_ELEMS)])
         return self._norm_from_wa(wa, A, B)
 
     def _norm_from_wa(self, wa: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor:
-        """c * sqrt(max(||W0/c||^2 + 2s (B/c).(W0 A^T / c) + s^2 (B/c)(A A^T)(B/c)^T, eps)), c = row_scale."""
-        n2 = self.w0_sq
-        if wa is not None:
-            c = self.row_scale[:, None]
-            Bc = B / c
-            # 2s Bc.(W0 A^T / c) + s^2 Bc (A A^T) Bc^T = 2s Bc.(W0 A^T / c + (s/2) Bc A A^T)
-            t = torch.addmm(wa / c, Bc, A @ A.T, alpha=self.scale / 2)
-            n2 = torch.add(n2, torch.linalg.vecdot(Bc, t), alpha=2 * self.scale)
+        """c * sqrt(max(||W0/c||^2 + (s/c) (B/c).(2 W0 A^T + s B A A^T), eps)), c = row_scale: the
+        squared norm ||W0||^2 + 2s B.(W0 A^T) + s^2 B (A A^T) B^T of rows divided by c."""
+        if wa is None:
+            return self._unscale(self.w0_sq)
+        c = self.row_scale
+        t = torch.addmm(wa, B, A @ A.T, beta=2, alpha=self.scale)
+        n2 = torch.addcdiv(self.w0_sq, torch.linalg.vecdot(B / c[:, None], t), c, value=self.scale)
         return self._unscale(n2)
 
     def _unscale(self, n2: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,11 +247,20 @@ class DoRALinear(LoRALinear):
             if self.norm_mode == "exact" and self.rank:
                 return self._forward_exact(x, dtype)
             x_drop = self.dropout(x) if self.rank else x
-            dense = None
-            if self.rank and self._cached_norm() is None and not _use_triton(x.device):
-                dense = self.weight.dequantize(dtype)  # one dequantization for the norm and the output
-            return _AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude,
-                                          self._norm_detached(dense), self._bias(dtype), self.weight, self.scale, dense)
+            dense = A_c = None
+            # Without LoRA factors, or with the Triton norm (read from NF4), the norm never needs
+            # W0 dequantized, so g is folded into the output's dequantization. The choice does not
+            # depend on the cache, so a checkpoint's recomputation repeats the forward bit for bit.
+            fold = not self.rank or _use_triton(x.device)
+            norm = self._cached_norm()
+            if norm is None:
+                if self.rank:
+                    A_c = self.lora_A.to(dtype)
+                    if not fold:
+                        dense = self.weight.dequantize(dtype)  # one dequantization for the norm and the output
+                norm = self._norm_detached(dense, A_c)
+            return _AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude, norm,
+                                          self._bias(dtype), self.weight, self.scale, dense, A_c, fold)
 
     def _forward_exact(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         A, B = self.lora_A.float(), self.lora_B.float()
@@ -280,13 +293,15 @@ class _AdapterFunction(torch.autograd.Function):
 
     Forward: base = x W0^T; QDoRA then scales it in place as base + (g - 1) * base (one pass,
     float32 arithmetic inside the kernel, g - 1 in the compute dtype: rounding g - 1 rather than g
-    keeps g = 1 exact and costs a relative 2^-9 of g - 1 only); the low-rank product is accumulated
-    into the output by addmm with diag(g) s B (float32, rounded once), so it is never a separate
-    (tokens x out) tensor. Backward folds g into the NF4 block scales instead: bitsandbytes
-    dequantizes diag(g) W0 directly (float32 product, one rounding), so grad @ diag(g) W0 is one
-    matmul, and the two input-gradient branches are summed by addmm. `dense` is W0 when the caller
-    already dequantized it (for the norm). Saved: x (and x_d), A x, and
-    for QDoRA the output and g; W0 is dequantized again in backward, never kept.
+    keeps g = 1 exact and costs a relative 2^-9 of g - 1 only). With `fold` (the norm was computed
+    without dequantizing W0: Triton, or magnitude-only) g is instead folded into the NF4 block
+    scales, so bitsandbytes dequantizes diag(g) W0 directly and the pass disappears. The low-rank
+    product is accumulated into the output by addmm with diag(g) s B (float32, rounded once), so
+    it is never a separate (tokens x out) tensor. Backward always folds g into the block scales,
+    so grad @ diag(g) W0 is one matmul, and the two input-gradient branches are summed by addmm.
+    `dense` is W0 when the caller already dequantized it (for the norm) and `A_c` is A in the
+    compute dtype. Saved: x (and x_d), A x, A_c, and for QDoRA the output and g; W0 is
+    dequantized again in backward, never kept.
 
     dL/dm = sum_t grad * y / ||V|| needs y = x W0^T + s lora; it is recovered as (out - bias) / g
     rather than stored (the output is often saved by the next op anyway: attention's v, the MLP's
@@ -298,27 +313,31 @@ class _AdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_drop, A, B, m, norm, bias, weight: NF4Weight, scale: float,  # type: ignore[override]
-                dense: torch.Tensor | None = None):
+                dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None, fold: bool = False):
         dtype = x.dtype
         g = None if m is None else torch.div(m, norm)  # float32: norm is float32
-        out = x @ (weight.dequantize(dtype) if dense is None else dense).T
-        if g is not None:
-            out.addcmul_(out, (g - 1).to(dtype))
+        if fold and g is not None:
+            out = x @ _dequantize(weight, dtype, g).T
+        else:
+            out = x @ (weight.dequantize(dtype) if dense is None else dense).T
+            if g is not None:
+                out.addcmul_(out, (g - 1).to(dtype))
         ax = Bs = None
+        row_factor = scale if g is None else (g * scale)[:, None]
         if A is not None:
-            ax = x_drop @ A.to(dtype).T
-            Bs = _scaled_B(B, g, scale, dtype)
+            A_c = A.to(dtype) if A_c is None else A_c
+            ax = x_drop @ A_c.T
+            Bs = (B.float() * scale if g is None else torch.mul(B, row_factor)).to(dtype)  # rounded once
             out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), Bs.T)
         if bias is not None:
             out.add_(bias)
-        ctx.weight, ctx.scale, ctx.drop_is_x, ctx.Bs = weight, scale, x_drop is x, Bs
-        ctx.row_factor = scale if g is None else (g * scale)[:, None]
-        ctx.save_for_backward(x, x_drop, A, B, m, norm, bias, ax, None if m is None else out, g)
+        ctx.weight, ctx.scale, ctx.drop_is_x, ctx.Bs, ctx.row_factor = weight, scale, x_drop is x, Bs, row_factor
+        ctx.save_for_backward(x, x_drop, A, A_c, B, m, norm, bias, ax, None if m is None else out, g)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        x, x_drop, A, B, m, norm, bias, ax, out, g = ctx.saved_tensors
+        x, x_drop, A, A_c, B, m, norm, bias, ax, out, g = ctx.saved_tensors
         scale, weight, dtype = ctx.scale, ctx.weight, grad.dtype
         lead = grad.shape[:-1]
         grad2 = grad.reshape(-1, grad.shape[-1])
@@ -330,37 +349,39 @@ class _AdapterFunction(torch.autograd.Function):
             grad_B = ((grad2.T @ ax.reshape(-1, ax.shape[-1])).float() * ctx.row_factor).to(B.dtype)
             grad_A = (grad_ax.T @ x_drop.reshape(-1, x_drop.shape[-1])).to(A.dtype)
             if ctx.drop_is_x and grad_x is not None:
-                grad_x.addmm_(grad_ax, A.to(dtype))  # both branches' input gradients in one sum
+                grad_x.addmm_(grad_ax, A_c)  # both branches' input gradients in one sum
             elif ctx.needs_input_grad[1]:
-                grad_xd = (grad_ax @ A.to(dtype)).view(*lead, -1)
+                grad_xd = (grad_ax @ A_c).view(*lead, -1)
         if grad_x is not None:
             grad_x = grad_x.view(*lead, -1)
         if m is not None and ctx.needs_input_grad[4]:
-            out2 = out.reshape(-1, out.shape[-1])
-            if bias is not None:
-                out2 = out2 - bias
-            # dL/dm = sum_t grad * y / norm with y = out / g: the product in the compute dtype (one
-            # pass), the sum over tokens accumulated in fp32. With bf16 products and a bf16 m the
-            # sum's result is rounded to bf16 (one extra rounding; no fp32 copy of the product).
-            prod = grad2 * out2
-            bf16 = prod.dtype == m.dtype == torch.bfloat16
-            grad_g = prod.sum(0).float() if bf16 else prod.sum(0, dtype=torch.float32)
-            grad_g = grad_g / g.masked_fill(g == 0, 1.0)
-            bad = (g.abs() < _AdapterFunction.G_RECOMPUTE).nonzero().squeeze(1)
-            if bad.numel():
-                grad_g[bad] = (grad2[:, bad].float() * _recompute_rows(x, ax, B, weight, bad, scale)).sum(0)
-            grad_m = (grad_g / norm).to(m.dtype)
-        return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None, None
+            grad_m = _magnitude_grad(grad2, out, x, ax, B, m, norm, g, bias, weight, scale)
+        return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None, None, None, None
+
+
+def _magnitude_grad(grad2, out, x, ax, B, m, norm, g, bias, weight: NF4Weight, scale: float) -> torch.Tensor:
+    """dL/dm = sum_t grad * y / ||V|| with y = (out - bias) / g, that is sum_t grad * (out - bias) / m
+    (g ||V|| = m). The product is one pass in the compute dtype and the sum over tokens accumulates
+    in fp32 (PyTorch's reductions of bf16/fp16 do), its result rounded once to the compute dtype:
+    an fp32 copy of the product would cost more than the whole pass. Rows with |g| < G_RECOMPUTE are
+    recomputed (see _AdapterFunction)."""
+    out2 = out.reshape(-1, out.shape[-1])
+    if bias is not None:
+        out2 = out2 - bias
+    prod = grad2 * out2
+    total = prod.sum(0, dtype=torch.float32) if prod.dtype == torch.float16 else prod.sum(0)  # fp16 overflows
+    grad_m = torch.div(total, m).to(m.dtype)
+    small = g.abs() < _AdapterFunction.G_RECOMPUTE
+    if small.any():
+        rows = small.nonzero().squeeze(1)
+        y = _recompute_rows(x, ax, B, weight, rows, scale)
+        grad_m[rows] = ((grad2[:, rows].float() * y).sum(0) / norm[rows]).to(m.dtype)
+    return grad_m
 
 
 def _dequantize(weight: NF4Weight, dtype: torch.dtype, g: torch.Tensor | None) -> torch.Tensor:
     """W0, or diag(g) W0 with g (float32, per row) folded into the block scales, in `dtype`."""
     return weight.dequantize(dtype) if g is None else weight.dequantize(dtype, scales=weight.scales() * g[:, None])
-
-
-def _scaled_B(B: torch.Tensor, g: torch.Tensor | None, scale: float, dtype: torch.dtype) -> torch.Tensor:
-    """s B, or diag(g) s B, computed in float32 and rounded once to `dtype`."""
-    return (B.float() * scale if g is None else torch.mul(B, (g * scale)[:, None])).to(dtype)
 
 
 def _recompute_rows(x, ax, B, weight: NF4Weight, rows: torch.Tensor, scale: float) -> torch.Tensor:

@@ -210,7 +210,7 @@ def predict(hf_config, adapter: AdapterConfig, seq_len: int = 2048, batch_size: 
     head_grads = sum(_nbytes(t, ws) for t in trainable if id(t) not in in_blocks)  # ft: head, norm, embeddings
     (host if offload else gpu)["optimizer"] = sum(2 * _nbytes(t, ws) + 4 for t in trainable)  # 2 moments, step
     host["gradients"] = grads if offload else 0
-    gpu["adapters"] += sum(4 * m.out_features for m in model.modules() if isinstance(m, DoRALinear) and m.rank)
+    gpu["adapters"] += sum(4 * m.out_features for m in model.modules() if isinstance(m, DoRALinear))
 
     adapted = {}  # (block index, projection name) -> rank, from the prepared model
     for name, module in model.named_modules():

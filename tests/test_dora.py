@@ -87,6 +87,13 @@ def test_detached_and_exact_differ_only_in_gradient():
     assert not torch.allclose(a.lora_A.grad, b.lora_A.grad)
 
 
+@pytest.mark.parametrize("cls,rank", [(DoRALinear, 8), (DoRALinear, 0), (LoRALinear, 8)])
+def test_float32_adapters_with_bf16_compute_match_fp64(cls, rank):
+    """As qdora.train runs: m, A, B stored in float32, activations in bf16 (A cast once per
+    forward, the magnitude gradient divided by the float32 m)."""
+    check(make(cls, 48, 172, rank, torch.float32), torch.randn(3, 7, 172, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_magnitude_only(dtype):
     layer = make(DoRALinear, 30, 100, 0, dtype)
