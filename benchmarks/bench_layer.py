@@ -2,12 +2,14 @@
 
 The same small Llama (random weights), the same NF4 bytes, rank 16 on every linear layer but the head,
 batch 2 x 256 tokens. PEFT runs on bitsandbytes `Linear4bit` layers holding our NF4 bytes; its QLoRA
-is a reference row (how fast the same library's plain LoRA is). Time: the four models step in turn
-inside one process, median of --repeats, so machine noise hits all of them alike. Memory: each configuration also runs alone in a fresh
-subprocess, which reports its peak resident set size during two training steps (the kernel's
-high-water mark is reset after the model is built) and that peak minus the resident size just before
-the first step (what training itself adds); twice, with glibc's default allocator settings and with
-a fixed mmap threshold (LIVE_MALLOC: RSS then follows live tensors rather than heap fragmentation).
+is a reference row (how fast the same library's plain LoRA is). Every step is what qdora.train runs on
+the CPU: fused AdamW, and glibc keeping freed memory (qdora.streaming.keep_freed_memory). Time: the
+four models step in turn inside one process, median of --repeats, so machine noise hits all of them
+alike. Memory: each configuration also runs alone in a fresh subprocess, which reports its peak
+resident set size during two training steps (the kernel's high-water mark is reset after the model
+is built) and that peak minus the resident size just before the first step (what training itself
+adds); twice, with the trainer's allocator policy and with a fixed 64 KiB mmap threshold
+(LIVE_MALLOC: RSS then follows live tensors rather than what the heap keeps).
 Besides wall time, process CPU time per step is reported: on a shared machine it is far less noisy
 (with --threads 1 it is the work done, whatever else runs).
 
@@ -16,6 +18,7 @@ Targets (issue 2): ours QDoRA / ours QLoRA <= 1.10 time, <= 1.05 peak memory; ou
 
     python benchmarks/bench_layer.py                  # CPU, bf16 compute
     python benchmarks/bench_layer.py --device cuda    # on a GPU (memory then from torch.cuda)
+    python benchmarks/bench_layer.py --profile        # which operators make up QDoRA's extra time
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from qdora.model import AdapterConfig, adapter_layers, prepare_model
-from qdora.streaming import trim_heap
+from qdora.streaming import keep_freed_memory, trim_heap
 
 CONFIGS = ("qdora", "qlora", "peft-qdora", "peft-qlora")
 # glibc keeps freed heap chunks resident and raises its mmap threshold to the largest freed block, so
@@ -99,6 +102,8 @@ def peak_rss_mb() -> float:
 
 
 def measure_memory(name: str, args) -> dict:
+    if args.trainer_malloc:
+        keep_freed_memory()
     step = step_fn(build(name, args), args)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -115,6 +120,28 @@ def measure_memory(name: str, args) -> dict:
     return {"peak_mb": peak, "added_mb": peak - before}
 
 
+def profile_difference(args, steps: int = 3, rows: int = 15) -> None:
+    """Where our QDoRA's extra time goes: both of our models stepped under torch.profiler, operators
+    ranked by how much more self time they take in QDoRA than in QLoRA (profiler overhead included,
+    so read the shares, not the absolute times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    totals = {}
+    for name in ("qdora", "qlora"):
+        step = step_fn(build(name, args), args)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        totals[name] = {e.key: e.self_cpu_time_total / steps / 1e3 for e in prof.key_averages()}
+    dora, lora = totals["qdora"], totals["qlora"]
+    diff = sorted(((dora.get(k, 0) - lora.get(k, 0), k) for k in dora.keys() | lora.keys()), reverse=True)
+    print(f"self CPU ms per step: QDoRA {sum(dora.values()):.1f}, QLoRA {sum(lora.values()):.1f}\n")
+    print("| operator | QDoRA - QLoRA ms per step |\n| --- | --- |")
+    for ms, key in diff[:rows]:
+        print(f"| {key} | {ms:+.2f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -127,12 +154,19 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
+    p.add_argument("--profile", action="store_true", help="rank the operators by QDoRA's extra time over QLoRA")
     p.add_argument("--memory-only", choices=CONFIGS, help=argparse.SUPPRESS)  # the subprocess mode
+    p.add_argument("--trainer-malloc", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu" and not args.memory_only:
+        keep_freed_memory()  # as qdora.train does for its CPU training loop
     if args.memory_only:
         print(json.dumps(measure_memory(args.memory_only, args)))
+        return
+    if args.profile:
+        profile_difference(args)
         return
 
     steps = {name: step_fn(build(name, args), args) for name in CONFIGS}
@@ -157,7 +191,9 @@ def main() -> None:
             f"--{k}={getattr(args, k)}" for k in ("layers", "hidden", "intermediate", "vocab", "rank", "batch",
                                                   "seq", "device", "threads")]
         for key, env in (("default", {}), ("live", LIVE_MALLOC)):
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ | env).stdout
+            trainer = [f"--trainer-malloc={int(key == 'default' and args.device == 'cpu')}"]
+            out = subprocess.run(cmd + trainer, check=True, capture_output=True, text=True,
+                                 env=os.environ | env).stdout
             memory[name, key] = json.loads(out.strip().splitlines()[-1])
     med = {n: statistics.median(t) for n, t in times.items()}
     cmed = {n: statistics.median(t) for n, t in cpu.items()}

@@ -22,7 +22,7 @@ from .loss import answer_loss
 from .model import (DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, max_positions, merged,
                     prepare_model)
 from .outdir import TMP, prepare_out_dir, publish, write_json
-from .streaming import load_prepared
+from .streaming import keep_freed_memory, load_prepared
 
 # Learning rates used when --lr is not given: adapters tolerate (and need) much larger steps than
 # the dense weights of full fine-tuning.
@@ -283,6 +283,8 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
     epoch, consumed = position["epoch"], position["consumed"]
     stream = global_batches(examples, cfg.batch_size, pad_id, cfg.seed, epoch, consumed)
     model.train()
+    if device.type == "cpu":
+        keep_freed_memory()
     bar = tqdm(range(first, cfg.steps + 1), desc=f"train {adapter.method}", unit="step", disable=not main,
                initial=first - 1, total=cfg.steps)
     loss_value, train_time, tokens_seen = float("nan"), position["train_seconds"], position["tokens_seen"]
