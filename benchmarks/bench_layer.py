@@ -129,7 +129,8 @@ def profile_difference(args, steps: int = 3, rows: int = 15) -> None:
     totals = {}
     for name in ("qdora", "qlora"):
         step = step_fn(build(name, args), args)
-        step()
+        for _ in range(3):  # warm-up: the first steps page in the heap and fill oneDNN's caches
+            step()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 step()
