@@ -75,8 +75,8 @@ def _block(s: _Saved, i: int, cfg, adapter: AdapterConfig, adapted: dict[tuple[i
         s.add(xd, c * n * fin)
         if r:
             s.add(f"{key}.ax", c * n * r)
-            if DTYPES[adapter.adapter_dtype] != DTYPES[adapter.compute_dtype]:
-                s.add(f"{key}.Ac", c * r * fin)
+            if x_rg and DTYPES[adapter.adapter_dtype] != DTYPES[adapter.compute_dtype]:
+                s.add(f"{key}.Ac", c * r * fin)  # only for the input gradient
             if not recompute:
                 s.add(f"{key}.Bs", c * fout * r)
         if adapter.method == "qdora":

@@ -115,7 +115,6 @@ class LoRALinear(nn.Module):
         return self.scale * (self.lora_B.float() @ self.lora_A.float())
 
     @torch.no_grad()
-    @torch.no_grad()
     def merged_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
         """The dense weight this layer applies, W0 + s*B@A, in float32; `base` replaces the
         dequantized NF4 W0 (export's "merge against the original weights")."""
@@ -139,8 +138,9 @@ class DoRALinear(LoRALinear):
     (r x r), accumulated in fp32 and clamped at NORM_EPS before the square root.
 
     With g = m / ||V|| (fp32) the output is y = base + (g - 1) * base + dropout(x) A^T (diag(g) s B)^T
-    with base = x W0^T, in one in-place pass and one addmm (see _AdapterFunction), so when g = 1
-    and B = 0 the output equals the NF4 base output bit for bit.
+    with base = x W0^T, in one in-place pass and one addmm, or with g folded into the dequantization
+    of W0 when the norm needs no dense W0 (see _AdapterFunction); when g = 1 and B = 0 the output
+    equals the NF4 base output bit for bit.
 
     norm_mode="detached" (default, paper section 4.3) treats ||V|| as a constant in backward: the
     gradient reaches A and B only through the numerator. The norm then changes only when A or B
@@ -148,7 +148,8 @@ class DoRALinear(LoRALinear):
     version counters, which catch in-place edits such as load_state_dict)
     and reused by every gradient-accumulation micro-step and activation-checkpoint recomputation.
     norm_mode="exact" differentiates through the norm as well (paper eq. 6).
-    rank=0 gives a magnitude-only module (V = W0, only m trains; the paper's Table 6 mixes these).
+    rank=0 gives a magnitude-only module (V = W0, only m trains; the paper's Table 6 mixes these);
+    its norm is a constant, computed once.
     """
 
     def __init__(self, weight: NF4Weight, bias: torch.Tensor | None, rank: int, alpha: float,
@@ -187,10 +188,12 @@ class DoRALinear(LoRALinear):
         return (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), self.w0_sq.data_ptr())
 
     def _cached_norm(self) -> torch.Tensor | None:
-        """The detached norm if A and B are unchanged since it was computed, else None."""
+        """The detached norm if A and B are unchanged since it was computed, else None (also when it
+        was computed under torch.inference_mode and this forward is not: autograd cannot save it)."""
         if self._norm_cache is None or self._norm_cache[0] != self._cache_key():
             return None
-        return self._norm_cache[1]
+        norm = self._norm_cache[1]
+        return None if norm.is_inference() and not torch.is_inference_mode_enabled() else norm
 
     def _norm_detached(self, dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None) -> torch.Tensor:
         """||V||_row in fp32, no graph; recomputed only after an optimizer step or an in-place edit.
@@ -272,7 +275,6 @@ class DoRALinear(LoRALinear):
         return out if self.bias is None else out + self._bias(dtype)
 
     @torch.no_grad()
-    @torch.no_grad()
     def merged_weight(self, base: torch.Tensor | None = None) -> torch.Tensor:
         """The dense weight this layer applies, m * V / ||V||_row, in float32 (`base` as in
         LoRALinear.merged_weight; its rows are rescaled by their own largest value)."""
@@ -305,8 +307,9 @@ class _AdapterFunction(torch.autograd.Function):
 
     dL/dm = sum_t grad * y / ||V|| needs y = x W0^T + s lora; it is recovered as (out - bias) / g
     rather than stored (the output is often saved by the next op anyway: attention's v, the MLP's
-    gate and up). For rows with |g| < G_RECOMPUTE, where that division loses precision, y is
-    recomputed from x and those rows of W0.
+    gate and up). Rows with |g| < G_RECOMPUTE are rare (m far below ||V||) and handled apart:
+    there 1 + (g - 1 rounded) is far from g (17% off at g = 0.01 in bf16), so the forward computes
+    their base term in fp32, and backward recomputes their y from x and those rows of W0.
     """
 
     G_RECOMPUTE = 0.5
@@ -315,23 +318,33 @@ class _AdapterFunction(torch.autograd.Function):
     def forward(ctx, x, x_drop, A, B, m, norm, bias, weight: NF4Weight, scale: float,  # type: ignore[override]
                 dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None, fold: bool = False):
         dtype = x.dtype
-        g = None if m is None else torch.div(m, norm)  # float32: norm is float32
+        g = rows = None
+        if m is not None:
+            g = torch.div(m, norm)  # float32: norm is float32
+            small = g.abs() < _AdapterFunction.G_RECOMPUTE
+            rows = small.nonzero().squeeze(1) if small.any() else None
         if fold and g is not None:
             out = x @ _dequantize(weight, dtype, g).T
         else:
             out = x @ (weight.dequantize(dtype) if dense is None else dense).T
             if g is not None:
                 out.addcmul_(out, (g - 1).to(dtype))
-        ax = Bs = None
-        row_factor = scale if g is None else (g * scale)[:, None]
+                if rows is not None:
+                    base = _recompute_rows(x, None, None, weight, rows, scale)
+                    out.view(-1, out.shape[-1])[:, rows] = (base * g[rows]).to(dtype)
+        ax = Bs = row_factor = None
         if A is not None:
+            row_factor = scale if g is None else (g * scale)[:, None]
             A_c = A.to(dtype) if A_c is None else A_c
             ax = x_drop @ A_c.T
             Bs = (B.float() * scale if g is None else torch.mul(B, row_factor)).to(dtype)  # rounded once
             out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), Bs.T)
+            if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+                A_c = None  # only the input gradient needs it
         if bias is not None:
             out.add_(bias)
         ctx.weight, ctx.scale, ctx.drop_is_x, ctx.Bs, ctx.row_factor = weight, scale, x_drop is x, Bs, row_factor
+        ctx.rows = rows
         ctx.save_for_backward(x, x_drop, A, A_c, B, m, norm, bias, ax, None if m is None else out, g)
         return out
 
@@ -355,25 +368,23 @@ class _AdapterFunction(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.view(*lead, -1)
         if m is not None and ctx.needs_input_grad[4]:
-            grad_m = _magnitude_grad(grad2, out, x, ax, B, m, norm, g, bias, weight, scale)
+            grad_m = _magnitude_grad(grad2, out, x, ax, B, m, norm, ctx.rows, bias, weight, scale)
         return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None, None, None, None
 
 
-def _magnitude_grad(grad2, out, x, ax, B, m, norm, g, bias, weight: NF4Weight, scale: float) -> torch.Tensor:
+def _magnitude_grad(grad2, out, x, ax, B, m, norm, rows, bias, weight: NF4Weight, scale: float) -> torch.Tensor:
     """dL/dm = sum_t grad * y / ||V|| with y = (out - bias) / g, that is sum_t grad * (out - bias) / m
     (g ||V|| = m). The product is one pass in the compute dtype and the sum over tokens accumulates
     in fp32 (PyTorch's reductions of bf16/fp16 do), its result rounded once to the compute dtype:
-    an fp32 copy of the product would cost more than the whole pass. Rows with |g| < G_RECOMPUTE are
-    recomputed (see _AdapterFunction)."""
+    an fp32 copy of the product would cost more than the whole pass. `rows` (|g| < G_RECOMPUTE,
+    found in forward) are recomputed from x (see _AdapterFunction)."""
     out2 = out.reshape(-1, out.shape[-1])
     if bias is not None:
         out2 = out2 - bias
     prod = grad2 * out2
     total = prod.sum(0, dtype=torch.float32) if prod.dtype == torch.float16 else prod.sum(0)  # fp16 overflows
     grad_m = torch.div(total, m).to(m.dtype)
-    small = g.abs() < _AdapterFunction.G_RECOMPUTE
-    if small.any():
-        rows = small.nonzero().squeeze(1)
+    if rows is not None:
         y = _recompute_rows(x, ax, B, weight, rows, scale)
         grad_m[rows] = ((grad2[:, rows].float() * y).sum(0) / norm[rows]).to(m.dtype)
     return grad_m
@@ -385,7 +396,8 @@ def _dequantize(weight: NF4Weight, dtype: torch.dtype, g: torch.Tensor | None) -
 
 
 def _recompute_rows(x, ax, B, weight: NF4Weight, rows: torch.Tensor, scale: float) -> torch.Tensor:
-    """y[:, rows] = x W0[rows]^T + s * ax B[rows]^T in fp32, for the few rows where it is needed."""
+    """y[:, rows] = x W0[rows]^T + s * ax B[rows]^T in fp32 (the base term alone when ax is None),
+    for the few rows where it is needed."""
     xf = x.reshape(-1, x.shape[-1]).float()
     y = xf @ weight.dequantize(torch.float32, rows=rows).T
     if ax is not None:

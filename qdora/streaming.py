@@ -173,6 +173,10 @@ def _stream(name_or_path: str, index: dict[str, str], cfg: AdapterConfig, seed: 
     return model, summary
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # glibc's mallopt parameters
+GLIBC_MMAP_MAX, GLIBC_TRIM_THRESHOLD = 65536, 128 * 1024  # and their defaults
+
+
 def _glibc(function: str, *args: int) -> None:
     """Call one of glibc's malloc tuning functions; a no-op with another C library."""
     try:
@@ -192,7 +196,8 @@ def mmap_large_allocations() -> None:
     temporary goes back to the OS at once. By default glibc raises its mmap threshold after such
     frees (up to 32 MiB) and keeps later blocks in a heap that only grows, so streaming hundreds
     of layers would ratchet the resident size up. Process-wide."""
-    _glibc("mallopt", -3, 1 << 20)  # M_MMAP_THRESHOLD
+    _glibc("mallopt", M_MMAP_MAX, GLIBC_MMAP_MAX)  # in case keep_freed_memory turned mmap off
+    _glibc("mallopt", M_MMAP_THRESHOLD, 1 << 20)
 
 
 def keep_freed_memory() -> None:
@@ -200,10 +205,19 @@ def keep_freed_memory() -> None:
     freed there (no mmap per large tensor, no trimming below 1 GiB of free heap). Every step
     allocates the same tensors again, and memory given back to the system would be page-faulted in
     again each time: on the 4-layer Llama of benchmarks/bench_layer.py that is 1.3 million page
-    faults per 20 steps and about 16% of the step time; the resident peak grows about 3%.
-    Process-wide; a no-op with another C library."""
-    _glibc("mallopt", -4, 0)  # M_MMAP_MAX
-    _glibc("mallopt", -1, 1 << 30)  # M_TRIM_THRESHOLD
+    faults per 20 steps and about 16% of the step time. The resident peak then follows how the heap
+    fragments (there 0.98 to 1.16 times the default's). Process-wide until release_freed_memory;
+    a no-op with another C library."""
+    _glibc("mallopt", M_MMAP_MAX, 0)
+    _glibc("mallopt", M_TRIM_THRESHOLD, 1 << 30)
+
+
+def release_freed_memory() -> None:
+    """Undo keep_freed_memory: glibc's default mmap count and trim threshold (its mmap threshold
+    stays where it is instead of adapting, as after any mallopt), and give free heap back now."""
+    _glibc("mallopt", M_MMAP_MAX, GLIBC_MMAP_MAX)
+    _glibc("mallopt", M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD)
+    trim_heap()
 
 
 def _before(prefix: str, name: str) -> bool:

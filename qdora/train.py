@@ -22,7 +22,7 @@ from .loss import answer_loss
 from .model import (DEFAULT_MODEL, DTYPES, AdapterConfig, load_model, load_tokenizer, max_positions, merged,
                     prepare_model)
 from .outdir import TMP, prepare_out_dir, publish, write_json
-from .streaming import keep_freed_memory, load_prepared
+from .streaming import keep_freed_memory, load_prepared, release_freed_memory
 
 # Learning rates used when --lr is not given: adapters tolerate (and need) much larger steps than
 # the dense weights of full fine-tuning.
@@ -350,6 +350,8 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
                                                         "nonfinite_steps": nonfinite_steps,
                                                         "nonfinite_in_a_row": in_a_row},
                             device)
+    if device.type == "cpu":
+        release_freed_memory()
     acc_after = run_eval(cfg.steps)
     save_adapter(model, os.path.join(cfg.out_dir, "adapter"), _meta(cfg, adapter, cfg.steps))
     result = {"method": adapter.method, "accuracy_before": acc_before, "accuracy_after": acc_after,

@@ -292,3 +292,29 @@ def test_peak_of_a_training_step(method, checkpointing, vocab):
         assert measured <= predicted <= 1.3 * measured, (pred["phase"], predicted, measured)
     else:
         assert close(predicted, measured), (pred["phase"], predicted, measured)
+
+
+def test_trainer_allocator_policy_keeps_then_releases_freed_memory():
+    """qdora.streaming.keep_freed_memory (the CPU training loop's glibc policy): a freed 256 MiB
+    tensor stays resident, so the next step's allocation needs no page faults; release_freed_memory
+    gives it back. Run in a child process: the policy is process-wide."""
+    import subprocess
+    import sys
+
+    script = """
+import resource, torch
+from qdora.streaming import keep_freed_memory, release_freed_memory
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() / 2**20
+def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+keep_freed_memory()
+base = rss()
+t = torch.ones(64 << 20); del t
+kept = rss() - base
+f0 = faults(); t = torch.ones(64 << 20); del t
+refaults = faults() - f0
+release_freed_memory()
+print(kept, refaults, rss() - base)
+"""
+    out = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, check=True)
+    kept, refaults, after = map(float, out.stdout.split())
+    assert kept > 200 and refaults < 1000 and after < 50, out.stdout
