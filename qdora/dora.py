@@ -211,8 +211,18 @@ class DoRALinear(LoRALinear):
                 norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
             else:
                 norm = self._norm_torch(A.float(), B.float(), dense, A_c)
+            if self.rank and torch.amax(norm).item() == math.inf:
+                self._fix_overflowed_rows(norm)
         self._norm_cache = (self._cache_key(), norm)
         return norm
+
+    def _fix_overflowed_rows(self, norm: torch.Tensor) -> None:
+        """Rows whose factored norm overflowed, in place: row_scale follows W0 alone, so a row where
+        s B A dwarfs a tiny W0 (say 1e-30) squares past float32. Those rows of V in float64."""
+        rows = torch.isinf(norm).nonzero().squeeze(1)
+        v = self.weight.dequantize(torch.float32, rows=rows).double()
+        v += self.scale * self.lora_B.double()[rows] @ self.lora_A.double()
+        norm[rows] = v.norm(dim=1).float()
 
     def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, dense: torch.Tensor | None = None,
                     A_c: torch.Tensor | None = None) -> torch.Tensor:

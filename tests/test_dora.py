@@ -185,6 +185,21 @@ def test_no_nan_for_extreme_finite_weights(double_quant):
         torch.testing.assert_close(layer.magnitude[1:3].double(), w[1:3].double().norm(dim=1), rtol=0.2, atol=0)
 
 
+def test_tiny_row_dominated_by_the_adapter_keeps_its_norm():
+    """row_scale follows W0 alone: for a 1e-30 row with B A of order 1 the factored squared norm
+    overflows float32, and that row's norm is computed again from V in float64."""
+    w = torch.randn(4, 64)
+    w[1] = 1e-30
+    layer = DoRALinear(NF4Weight.quantize(w, double_quant=False), None, 4, 8.0, dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    V = layer.weight.dequantize(torch.float32).double() + layer.scale * layer.lora_B.double() @ layer.lora_A.double()
+    torch.testing.assert_close(layer._norm_detached().double(), V.norm(dim=1), rtol=1e-5, atol=0)
+    x = torch.randn(3, 64)
+    y, (yr, _) = layer(x).double(), reference(layer, x.double())
+    assert (((y - yr).norm(dim=0) / yr.norm(dim=0)) < 1e-4).all()
+
+
 def test_small_magnitude_rows_use_recomputed_gradient():
     """Rows with g << 1 lose precision in (out - bias) / g; backward recomputes them."""
     layer = make(DoRALinear, 16, 64, 4, torch.bfloat16)
