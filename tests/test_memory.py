@@ -295,9 +295,10 @@ def test_peak_of_a_training_step(method, checkpointing, vocab):
 
 
 def test_trainer_allocator_policy_keeps_then_releases_freed_memory():
-    """qdora.streaming.keep_freed_memory (the CPU training loop's glibc policy): a freed 256 MiB
-    tensor stays resident, so the next step's allocation needs no page faults; release_freed_memory
-    gives it back. Run in a child process: the policy is process-wide."""
+    """qdora.streaming.keep_freed_memory (the CPU training loop's glibc policy): after a few steps
+    that allocate and free the same tensors, the memory stays resident and the next step takes no
+    page faults (with glibc's defaults: ~33000); release_freed_memory gives it back. Run in a
+    child process: the policy is process-wide."""
     import subprocess
     import sys
 
@@ -306,15 +307,20 @@ import resource, torch
 from qdora.streaming import keep_freed_memory, release_freed_memory
 def rss(): return int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() / 2**20
 def faults(): return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def step():
+    ts = [torch.ones(n) for n in (16 << 20, 4 << 20, 16 << 20, 1 << 20)]
+    del ts
 keep_freed_memory()
 base = rss()
-t = torch.ones(64 << 20); del t
+for _ in range(3):
+    step()
 kept = rss() - base
-f0 = faults(); t = torch.ones(64 << 20); del t
+f0 = faults()
+step()
 refaults = faults() - f0
 release_freed_memory()
 print(kept, refaults, rss() - base)
 """
     out = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, check=True)
     kept, refaults, after = map(float, out.stdout.split())
-    assert kept > 200 and refaults < 1000 and after < 50, out.stdout
+    assert kept > 100 and refaults < 1000 and after < 50, out.stdout
