@@ -201,7 +201,7 @@ def mmap_large_allocations() -> None:
 
 
 def keep_freed_memory() -> None:
-    """For a training loop on the CPU: serve every allocation from glibc's heap and keep what is
+    """For training on the CPU: serve every allocation from glibc's heap and keep what is
     freed there (no mmap per large tensor, no trimming below 1 GiB of free heap). Every step
     allocates the same tensors again, and memory given back to the system would be page-faulted in
     again each time: on the 4-layer Llama of benchmarks/bench_layer.py that is 1.3 million page

@@ -229,6 +229,8 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
         say(f"skipped {skipped} of {len(train_rows)} training examples longer than {cfg.max_length} tokens")
 
     model, call, summary = build_model(cfg, adapter, device, sharded)
+    if device.type == "cpu":  # after the (streaming) load, which gives freed memory back on purpose
+        keep_freed_memory()
     if sharded:  # the same adapter init everywhere, but each rank its own dropout masks for its rows
         torch.manual_seed(cfg.seed + D.rank())
     nf4_local, nf4_total = D.nf4_payload_bytes(model)
@@ -283,8 +285,6 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
     epoch, consumed = position["epoch"], position["consumed"]
     stream = global_batches(examples, cfg.batch_size, pad_id, cfg.seed, epoch, consumed)
     model.train()
-    if device.type == "cpu":
-        keep_freed_memory()
     bar = tqdm(range(first, cfg.steps + 1), desc=f"train {adapter.method}", unit="step", disable=not main,
                initial=first - 1, total=cfg.steps)
     loss_value, train_time, tokens_seen = float("nan"), position["train_seconds"], position["tokens_seen"]
@@ -350,8 +350,6 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
                                                         "nonfinite_steps": nonfinite_steps,
                                                         "nonfinite_in_a_row": in_a_row},
                             device)
-    if device.type == "cpu":
-        release_freed_memory()
     acc_after = run_eval(cfg.steps)
     save_adapter(model, os.path.join(cfg.out_dir, "adapter"), _meta(cfg, adapter, cfg.steps))
     result = {"method": adapter.method, "accuracy_before": acc_before, "accuracy_after": acc_after,
@@ -368,6 +366,8 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
         tqdm.write(f"exact match {acc_before:.3f} -> {acc_after:.3f}")
         tqdm.write(written(cfg.out_dir))
     D.barrier()
+    if device.type == "cpu":
+        release_freed_memory()
     return result
 
 
