@@ -221,7 +221,7 @@ class DoRALinear(LoRALinear):
         s B A dwarfs a tiny W0 (say 1e-30) squares past float32. Those rows of V in float64."""
         rows = torch.isinf(norm).nonzero().squeeze(1)
         v = self.weight.dequantize(torch.float32, rows=rows).double()
-        v += self.scale * self.lora_B.double()[rows] @ self.lora_A.double()
+        v += self.scale * self.lora_B[rows].double() @ self.lora_A.double()
         norm[rows] = v.norm(dim=1).float()
 
     def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, dense: torch.Tensor | None = None,
