@@ -205,7 +205,7 @@ def keep_freed_memory() -> None:
     freed there (no mmap per large tensor, no trimming below 1 GiB of free heap). Every step
     allocates the same tensors again, and memory given back to the system would be page-faulted in
     again each time: on the 4-layer Llama of benchmarks/bench_layer.py that is 1.3 million page
-    faults per 20 steps and about 16% of the step time (the default run trains 5-15% faster). The
+    faults per 20 steps and about 16% of the step time (the default run trains about 10% faster). The
     resident peak then follows how the heap fragments (there 0.98 to 1.16 times the default's).
     Process-wide until release_freed_memory; a no-op with another C library."""
     _glibc("mallopt", M_MMAP_MAX, 0)
