@@ -68,9 +68,9 @@ def _block(s: _Saved, i: int, cfg, adapter: AdapterConfig, adapted: dict[tuple[i
             xd = s.add(f"{key}.xdrop", c * n * fin)
             if x_rg:  # CUDA's fused dropout keeps a bool mask; the CPU path a scaled mask in the input dtype
                 s.add(f"{key}.mask", (1 if device == "cuda" else c) * n * fin)
-        # qdora.dora._AdapterFunction saves x, x_d, A x, A in the compute dtype (a copy when the
-        # adapters are stored in another dtype) and keeps s B (diag(g) s B) in the compute dtype;
-        # QDoRA also saves the output and g (A, B, m, the bias and the cached norm persist anyway)
+        # qdora.adapter_function.AdapterFunction saves x, x_d, A x, A in the compute dtype (a copy
+        # when the adapters are stored in another dtype) and keeps s B (diag(g) s B) in the compute
+        # dtype; QDoRA also saves the output and g (A, B, m, the bias and the cached norm persist)
         s.add(x, c * n * fin)
         s.add(xd, c * n * fin)
         if r:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .adapter_function import AdapterFunction
 from .nf4 import NF4Weight, nf4_linear
 
 NORM_MODES = ("detached", "exact")
@@ -104,7 +105,7 @@ class LoRALinear(nn.Module):
             if not self.rank:
                 out = nf4_linear(x, self.weight)
                 return out if self.bias is None else out + self._bias(dtype)
-            return _AdapterFunction.apply(x, self.dropout(x), self.lora_A, self.lora_B, None, None, self._bias(dtype),
+            return AdapterFunction.apply(x, self.dropout(x), self.lora_A, self.lora_B, None, None, self._bias(dtype),
                                           self.weight, self.scale)
 
     @torch.no_grad()
@@ -139,7 +140,7 @@ class DoRALinear(LoRALinear):
 
     With g = m / ||V|| (fp32) the output is y = base + (g - 1) * base + dropout(x) A^T (diag(g) s B)^T
     with base = x W0^T, in one in-place pass and one addmm, or with g folded into the dequantization
-    of W0 when the norm needs no dense W0 (see _AdapterFunction); when g = 1 and B = 0 the output
+    of W0 when the norm needs no dense W0 (see AdapterFunction); when g = 1 and B = 0 the output
     equals the NF4 base output bit for bit.
 
     norm_mode="detached" (default, paper section 4.3) treats ||V|| as a constant in backward: the
@@ -272,7 +273,7 @@ class DoRALinear(LoRALinear):
                     if not fold:
                         dense = self.weight.dequantize(dtype)  # one dequantization for the norm and the output
                 norm = self._norm_detached(dense, A_c)
-            return _AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude, norm,
+            return AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude, norm,
                                           self._bias(dtype), self.weight, self.scale, dense, A_c, fold)
 
     def _forward_exact(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -295,121 +296,3 @@ class DoRALinear(LoRALinear):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", norm_mode={self.norm_mode}"
-
-
-class _AdapterFunction(torch.autograd.Function):
-    """QLoRA and detached-norm QDoRA on an NF4 base, with at most one pass over the activations.
-
-        QLoRA  out =     x W0^T + s (x_d A^T) B^T  + bias
-        QDoRA  out = g * (x W0^T + s (x_d A^T) B^T) + bias,   g = m / ||V|| (float32, detached)
-
-    Forward: base = x W0^T; QDoRA then scales it in place as base + (g - 1) * base (one pass,
-    float32 arithmetic inside the kernel, g - 1 in the compute dtype: rounding g - 1 rather than g
-    keeps g = 1 exact and costs a relative 2^-9 of g - 1 only). With `fold` (the norm was computed
-    without dequantizing W0: Triton, or magnitude-only) g is instead folded into the NF4 block
-    scales, so bitsandbytes dequantizes diag(g) W0 directly and the pass disappears. The low-rank
-    product is accumulated into the output by addmm with diag(g) s B (float32, rounded once), so
-    it is never a separate (tokens x out) tensor. Backward always folds g into the block scales,
-    so grad @ diag(g) W0 is one matmul, and the two input-gradient branches are summed by addmm.
-    `dense` is W0 when the caller already dequantized it (for the norm) and `A_c` is A in the
-    compute dtype. Saved: x (and x_d), A x, A_c, and for QDoRA the output and g; W0 is
-    dequantized again in backward, never kept.
-
-    dL/dm = sum_t grad * y / ||V|| needs y = x W0^T + s lora; it is recovered as (out - bias) / g
-    rather than stored (the output is often saved by the next op anyway: attention's v, the MLP's
-    gate and up). Rows with |g| < G_RECOMPUTE are rare (m far below ||V||) and handled apart:
-    there 1 + (g - 1 rounded) is far from g (17% off at g = 0.01 in bf16), so the forward computes
-    their base term in fp32, and backward recomputes their y from x and those rows of W0.
-    """
-
-    G_RECOMPUTE = 0.5
-
-    @staticmethod
-    def forward(ctx, x, x_drop, A, B, m, norm, bias, weight: NF4Weight, scale: float,  # type: ignore[override]
-                dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None, fold: bool = False):
-        dtype = x.dtype
-        g = rows = None
-        if m is not None:
-            g = torch.div(m, norm)  # float32: norm is float32
-            small = g.abs() < _AdapterFunction.G_RECOMPUTE
-            rows = small.nonzero().squeeze(1) if small.any() else None
-        if fold and g is not None:
-            out = x @ _dequantize(weight, dtype, g).T
-        else:
-            out = x @ (weight.dequantize(dtype) if dense is None else dense).T
-            if g is not None:
-                out.addcmul_(out, (g - 1).to(dtype))
-                if rows is not None:
-                    base = _recompute_rows(x, None, None, weight, rows, scale)
-                    out.view(-1, out.shape[-1])[:, rows] = (base * g[rows]).to(dtype)
-        ax = Bs = row_factor = None
-        if A is not None:
-            row_factor = scale if g is None else (g * scale)[:, None]
-            A_c = A.to(dtype) if A_c is None else A_c
-            ax = x_drop @ A_c.T
-            Bs = (B.float() * scale if g is None else torch.mul(B, row_factor)).to(dtype)  # rounded once
-            out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), Bs.T)
-            if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-                A_c = None  # only the input gradient needs it
-        if bias is not None:
-            out.add_(bias)
-        ctx.weight, ctx.scale, ctx.drop_is_x, ctx.Bs, ctx.row_factor = weight, scale, x_drop is x, Bs, row_factor
-        ctx.rows = rows
-        ctx.save_for_backward(x, x_drop, A, A_c, B, m, norm, bias, ax, None if m is None else out, g)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        x, x_drop, A, A_c, B, m, norm, bias, ax, out, g = ctx.saved_tensors
-        scale, weight, dtype = ctx.scale, ctx.weight, grad.dtype
-        lead = grad.shape[:-1]
-        grad2 = grad.reshape(-1, grad.shape[-1])
-        grad_x = grad_xd = grad_A = grad_B = grad_m = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad2 @ _dequantize(weight, dtype, g)
-        if A is not None:
-            grad_ax = grad2 @ ctx.Bs
-            grad_B = ((grad2.T @ ax.reshape(-1, ax.shape[-1])).float() * ctx.row_factor).to(B.dtype)
-            grad_A = (grad_ax.T @ x_drop.reshape(-1, x_drop.shape[-1])).to(A.dtype)
-            if ctx.drop_is_x and grad_x is not None:
-                grad_x.addmm_(grad_ax, A_c)  # both branches' input gradients in one sum
-            elif ctx.needs_input_grad[1]:
-                grad_xd = (grad_ax @ A_c).view(*lead, -1)
-        if grad_x is not None:
-            grad_x = grad_x.view(*lead, -1)
-        if m is not None and ctx.needs_input_grad[4]:
-            grad_m = _magnitude_grad(grad2, out, x, ax, B, m, norm, ctx.rows, bias, weight, scale)
-        return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None, None, None, None
-
-
-def _magnitude_grad(grad2, out, x, ax, B, m, norm, rows, bias, weight: NF4Weight, scale: float) -> torch.Tensor:
-    """dL/dm = sum_t grad * y / ||V|| with y = (out - bias) / g, that is sum_t grad * (out - bias) / m
-    (g ||V|| = m). The product is one pass in the compute dtype and the sum over tokens accumulates
-    in fp32 (PyTorch's reductions of bf16/fp16 do), its result rounded once to the compute dtype:
-    an fp32 copy of the product would cost more than the whole pass. `rows` (|g| < G_RECOMPUTE,
-    found in forward) are recomputed from x (see _AdapterFunction)."""
-    out2 = out.reshape(-1, out.shape[-1])
-    if bias is not None:
-        out2 = out2 - bias
-    prod = grad2 * out2
-    total = prod.sum(0, dtype=torch.float32) if prod.dtype == torch.float16 else prod.sum(0)  # fp16 overflows
-    grad_m = torch.div(total, m).to(m.dtype)
-    if rows is not None:
-        y = _recompute_rows(x, ax, B, weight, rows, scale)
-        grad_m[rows] = ((grad2[:, rows].float() * y).sum(0) / norm[rows]).to(m.dtype)
-    return grad_m
-
-
-def _dequantize(weight: NF4Weight, dtype: torch.dtype, g: torch.Tensor | None) -> torch.Tensor:
-    """W0, or diag(g) W0 with g (float32, per row) folded into the block scales, in `dtype`."""
-    return weight.dequantize(dtype) if g is None else weight.dequantize(dtype, scales=weight.scales() * g[:, None])
-
-
-def _recompute_rows(x, ax, B, weight: NF4Weight, rows: torch.Tensor, scale: float) -> torch.Tensor:
-    """y[:, rows] = x W0[rows]^T + s * ax B[rows]^T in fp32 (the base term alone when ax is None),
-    for the few rows where it is needed."""
-    xf = x.reshape(-1, x.shape[-1]).float()
-    y = xf @ weight.dequantize(torch.float32, rows=rows).T
-    if ax is not None:
-        y = y + scale * ax.reshape(-1, ax.shape[-1]).float() @ B.float()[rows].T
-    return y
