@@ -42,8 +42,9 @@ class AdapterFunction(torch.autograd.Function):
         g = rows = None
         if m is not None:
             g = torch.div(m, norm)  # float32: norm is float32
-            small = g.abs() < AdapterFunction.G_RECOMPUTE
-            rows = small.nonzero().squeeze(1) if small.any() else None
+            if not torch.amin(g).item() >= AdapterFunction.G_RECOMPUTE:  # one reduction in the common case
+                rows = (g.abs() < AdapterFunction.G_RECOMPUTE).nonzero().squeeze(1)
+                rows = rows if rows.numel() else None
         if fold and g is not None:
             out = x @ _dequantize(weight, dtype, g).T
         else:

@@ -196,13 +196,14 @@ class DoRALinear(LoRALinear):
         norm = self._norm_cache[1]
         return None if norm.is_inference() and not torch.is_inference_mode_enabled() else norm
 
-    def _norm_detached(self, dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None) -> torch.Tensor:
-        """||V||_row in fp32, no graph; recomputed only after an optimizer step or an in-place edit.
-        `dense`, when given, is W0 already dequantized for this forward, reused for W0 @ A^T, and
-        `A_c` is A already cast to its dtype."""
+    def _norm_detached(self) -> torch.Tensor:
+        """||V||_row in fp32, no graph; recomputed only after an optimizer step or an in-place edit."""
         norm = self._cached_norm()
-        if norm is not None:
-            return norm
+        return self._compute_norm() if norm is None else norm
+
+    def _compute_norm(self, dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None) -> torch.Tensor:
+        """||V||_row in fp32, no graph, computed now and cached. `dense`, when given, is W0 already
+        dequantized for this forward, reused for W0 @ A^T, and `A_c` is A already cast to its dtype."""
         A, B = self.lora_A, self.lora_B
         with torch.no_grad():
             if not self.rank:
@@ -211,8 +212,8 @@ class DoRALinear(LoRALinear):
                 from qdora.kernels.dora_norm import dora_row_norm
                 norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
             else:
-                norm = self._norm_torch(A.float(), B.float(), dense, A_c)
-            if self.rank and torch.amax(norm).item() == math.inf:
+                norm = self._norm_torch(A.float(), B, dense, A_c)
+            if self.rank and not torch.amax(norm).item() < math.inf:  # inf, or NaN from inf - inf
                 self._fix_overflowed_rows(norm)
         self._norm_cache = (self._cache_key(), norm)
         return norm
@@ -220,35 +221,37 @@ class DoRALinear(LoRALinear):
     def _fix_overflowed_rows(self, norm: torch.Tensor) -> None:
         """Rows whose factored norm overflowed, in place: row_scale follows W0 alone, so a row where
         s B A dwarfs a tiny W0 (say 1e-30) squares past float32. Those rows of V in float64."""
-        rows = torch.isinf(norm).nonzero().squeeze(1)
+        rows = (~torch.isfinite(norm)).nonzero().squeeze(1)
         v = self.weight.dequantize(torch.float32, rows=rows).double()
         v += self.scale * self.lora_B[rows].double() @ self.lora_A.double()
         norm[rows] = v.norm(dim=1).float()
 
     def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, dense: torch.Tensor | None = None,
                     A_c: torch.Tensor | None = None) -> torch.Tensor:
-        """Factored row norm in fp32 (A and B given in fp32). W0 @ A^T is one matmul on `dense` (W0 in
-        the compute dtype, from this forward) when given: fp32 accumulation, each of the out x r
-        results rounded once to that dtype (a relative 2^-9 on the cross term in bf16, ~3e-5 on the
-        norm, far under bf16's own rounding). Otherwise it runs over float32 row chunks dequantized
-        from NF4, each small enough to stay in cache (never an out x in fp32 copy)."""
+        """Factored row norm in fp32 (A given in fp32, B in any float dtype). W0 @ A^T is one matmul
+        on `dense` (W0 in the compute dtype, from this forward) when given: fp32 accumulation, each
+        of the out x r results rounded once to that dtype (a relative 2^-9 on the cross term in
+        bf16, ~3e-5 on the norm, far under bf16's own rounding). Otherwise it runs over float32 row
+        chunks dequantized from NF4, each small enough to stay in cache (never an out x in fp32 copy)."""
         if dense is not None:
             if A_c is None or A_c.dtype != dense.dtype:
                 A_c = A.to(dense.dtype)
-            wa = (dense @ A_c.T).float()
+            wa = dense @ A_c.T
         else:
             wa = torch.cat([w @ A.T for _, w in self.weight.row_chunks(chunk_elems=NORM_CHUNK_ELEMS)])
         return self._norm_from_wa(wa, A, B)
 
     def _norm_from_wa(self, wa: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor:
-        """c * sqrt(max(||W0/c||^2 + (s/c) (B/c).(2 W0 A^T + s B A A^T), eps)), c = row_scale: the
-        squared norm ||W0||^2 + 2s B.(W0 A^T) + s^2 B (A A^T) B^T of rows divided by c."""
+        """c * sqrt(max(||W0/c||^2 + s (B/c).(2 W0 A^T / c + s (B/c) A A^T), eps)), c = row_scale: the
+        squared norm ||W0||^2 + 2s B.(W0 A^T) + s^2 B (A A^T) B^T of rows divided by c, in float32
+        (`wa` = W0 A^T in any float dtype). A row whose terms overflow (a tiny W0 row dwarfed by
+        s B A) comes out inf or NaN; _compute_norm recomputes it."""
         if wa is None:
             return self._unscale(self.w0_sq)
-        c = self.row_scale
-        t = torch.addmm(wa, B, A @ A.T, beta=2, alpha=self.scale)
-        n2 = torch.addcdiv(self.w0_sq, torch.linalg.vecdot(B / c[:, None], t), c, value=self.scale)
-        return self._unscale(n2)
+        c = self.row_scale[:, None]
+        Bc = B / c  # float32, whatever B's dtype
+        u = torch.addmm(wa / c, Bc, A @ A.T, beta=2, alpha=self.scale)  # (2 W0 A^T + s B A A^T) / c
+        return self._unscale(torch.add(self.w0_sq, torch.linalg.vecdot(Bc, u), alpha=self.scale))
 
     def _unscale(self, n2: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """Row norms from squared norms of rows divided by c (row_scale): clamp, root, scale back."""
@@ -272,7 +275,7 @@ class DoRALinear(LoRALinear):
                     A_c = self.lora_A.to(dtype)
                     if not fold:
                         dense = self.weight.dequantize(dtype)  # one dequantization for the norm and the output
-                norm = self._norm_detached(dense, A_c)
+                norm = self._compute_norm(dense, A_c)
             return AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude, norm,
                                           self._bias(dtype), self.weight, self.scale, dense, A_c, fold)
 
