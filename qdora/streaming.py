@@ -200,6 +200,9 @@ def mmap_large_allocations() -> None:
     _glibc("mallopt", M_MMAP_THRESHOLD, 1 << 20)
 
 
+_kept = False  # keep_freed_memory is in effect
+
+
 def keep_freed_memory() -> None:
     """For training on the CPU: serve every allocation from glibc's heap and keep what is
     freed there (no mmap per large tensor, no trimming below 1 GiB of free heap). Every step
@@ -209,16 +212,28 @@ def keep_freed_memory() -> None:
     resident peak then follows how the heap fragments: there QDoRA's is 0.98 to 1.22 times QLoRA's
     over runs, against 1.01 to 1.11 with glibc's defaults. Process-wide until release_freed_memory;
     a no-op with another C library."""
+    global _kept
     _glibc("mallopt", M_MMAP_MAX, 0)
     _glibc("mallopt", M_TRIM_THRESHOLD, 1 << 30)
+    _kept = True
 
 
 def release_freed_memory() -> None:
-    """Undo keep_freed_memory: glibc's default mmap count and trim threshold (its mmap threshold
-    stays where it is instead of adapting, as after any mallopt), and give free heap back now."""
+    """Undo keep_freed_memory (nothing to undo if it is not in effect): glibc's default mmap count
+    and trim threshold (its mmap threshold stays where it is instead of adapting, as after any
+    mallopt), and give free heap back now."""
+    global _kept
+    if not _kept:
+        return
     _glibc("mallopt", M_MMAP_MAX, GLIBC_MMAP_MAX)
     _glibc("mallopt", M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD)
     trim_heap()
+    _kept = False
+
+
+def freed_memory_kept() -> bool:
+    """Whether keep_freed_memory's policy is in effect."""
+    return _kept
 
 
 def _before(prefix: str, name: str) -> bool:

@@ -193,6 +193,13 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
     Writes to cfg.out_dir: metrics.jsonl (one line per step and evaluation), predictions_*.jsonl,
     adapter/ (trainable tensors + config) and summary.json. Returns the summary.
     """
+    try:
+        return _train(cfg, adapter)
+    finally:  # the CPU loop's allocator policy ends with the run, finished or failed
+        release_freed_memory()
+
+
+def _train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
     sharded = D.is_distributed()
     ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else D.env_world_size()
     if sharded and cfg.batch_size % ranks:
@@ -366,8 +373,6 @@ def train(cfg: TrainConfig, adapter: AdapterConfig) -> dict:
         tqdm.write(f"exact match {acc_before:.3f} -> {acc_after:.3f}")
         tqdm.write(written(cfg.out_dir))
     D.barrier()
-    if device.type == "cpu":
-        release_freed_memory()
     return result
 
 

@@ -20,6 +20,7 @@ import textwrap
 import pytest
 import torch
 
+import qdora.streaming
 import qdora.train
 from conftest import STORIES, gsm8k_rows, metrics, need, override
 from safetensors.torch import load_file
@@ -275,6 +276,7 @@ def test_nonfinite_stop_then_resume_with_skip(rows, tmp_path, monkeypatch, capsy
     out = tmp_path / "run"
     monkeypatch.setattr(qdora.train, "answer_loss", Inject(at=3))
     assert main(flags(rows, out, "--steps=5")) == 2
+    assert not qdora.streaming.freed_memory_kept()  # the failed CPU run ended its allocator policy
     err = error(capsys)
     assert err == ("qdora: error: loss became nan at step 3; lower --lr, check the data, or pass "
                    "--on_nonfinite=skip (with --resume=true to continue from checkpoint-2)")
