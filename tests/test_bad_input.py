@@ -287,6 +287,7 @@ CASES = [
     ("memory-world-size-zero", M("--world_size=0"), "world_size must be a positive integer, got 0", False),
     ("memory-seq-len-negative", M("--seq_len=-5"), "seq_len must be a positive integer, got -5", False),
     ("memory-unknown-method", M("--method=lora"), "unknown method 'lora'", False),
+    ("memory-exact-norm", M("--norm_mode=exact"), "norm_mode='exact' is not modelled", False),
 ]
 
 
