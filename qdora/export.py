@@ -77,6 +77,9 @@ class ExportConfig:
             raise ValueError(f"dtype {self.dtype!r} is not one of {tuple(DTYPES)}")
         if self.against not in AGAINST:
             raise ValueError(f"against {self.against!r} is not one of {AGAINST}")
+        if self.against != "nf4" and self.format != "merged":
+            raise ValueError(f"against={self.against!r} applies to --format=merged only; drop it for "
+                             f"--format={self.format}")
         parse_size(self.max_shard_size)
         if not self.out_dir:
             raise ValueError("out_dir is empty; pass the folder to write, e.g. --out_dir=merged")
@@ -283,6 +286,9 @@ def export(cfg: ExportConfig) -> dict:
     """
     check_new_out_dir(cfg.out_dir)
     run = read_run(cfg.run, cfg.base)
+    if cfg.against != "nf4" and run.adapter.method == "ft":
+        raise ValueError(f"against={cfg.against!r} does not apply to the full fine-tuning run {run.folder!r}: "
+                         f"it trained the weights themselves, exported as they are; drop --against")
     if cfg.format == "merged":
         resolve_model(run.base)  # a missing base fails here, before any work
     with staged_folder(cfg.out_dir, "export") as tmp:

@@ -278,6 +278,8 @@ CASES = [
     ("export-unknown-dtype", X("--dtype=int8"), "dtype 'int8' is not one of", False),
     ("export-bad-shard-size", X("--max_shard_size=lots"), "max_shard_size 'lots' is not a size", False),
     ("export-unknown-format", X("--format=gguf"), "format 'gguf' is not one of", False),
+    ("export-against-adapter-format", X("--format=peft", "--against=original"),
+     "against='original' applies to --format=merged only", False),
     # qdora analyze.
     ("analyze-base-missing", A("--base={w.tmp}/gone"), "does not exist or is not a directory", False),
     ("analyze-tuned-missing", A("--tuned={w.tmp}/gone"), "does not exist or is not a directory", False),

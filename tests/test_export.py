@@ -239,7 +239,7 @@ def test_bad_input_one_line_errors(stories_run, tiny_base, tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
 
 
-def test_peft_export_refuses_magnitude_only_and_ft(tiny_base, tmp_path):
+def test_export_refuses_magnitude_only_and_ft(tiny_base, tmp_path):
     run, _ = make_run(tiny_base, tmp_path / "m", AdapterConfig(rank=4, magnitude_only=("v_proj",), **FP32), steps=0)
     with pytest.raises(ValueError, match="magnitude-only modules .* have no PEFT equivalent"):
         E.export(E.ExportConfig(run=run, out_dir=str(tmp_path / "p"), format="peft"))
@@ -248,6 +248,9 @@ def test_peft_export_refuses_magnitude_only_and_ft(tiny_base, tmp_path):
         E.export(E.ExportConfig(run=run, out_dir=str(tmp_path / "p"), format="peft"))
     with pytest.raises(ValueError, match="pass the --base"):  # ft tensors of another model
         E.export(E.ExportConfig(run=run, out_dir=str(tmp_path / "p"), base=str(need(STORIES))))
+    with pytest.raises(ValueError, match="does not apply to the full fine-tuning run"):
+        E.export(E.ExportConfig(run=run, out_dir=str(tmp_path / "p"), against="original"))
+    assert not (tmp_path / "p").exists()
     run, _ = make_run(tiny_base, tmp_path / "d", AdapterConfig(rank=4, **FP32), steps=0)
     meta = json.loads((tmp_path / "d" / "adapter" / "qdora_config.json").read_text())
     meta["adapter"]["method"] = "qlora"  # a QDoRA checkpoint labelled as another method
