@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 CHILD = r"""
 import json, os, resource, sys, time

@@ -12,7 +12,6 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from qdora.dora import DoRALinear
 from qdora.model import AdapterConfig, adapter_layers, prepare_model
 
 RANK, ALPHA = 8, 16.0
