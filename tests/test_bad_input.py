@@ -54,7 +54,7 @@ def _tiny(folder: Path, config, tokenizer: bool = True, model_max_length: int | 
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     if tokenizer:
         for name in TOKENIZER_FILES:
-            shutil.copy(STORIES / name, folder)
+            shutil.copyfile(STORIES / name, folder / name)  # not the shared data's read-only mode
         cfg = json.loads((folder / "tokenizer_config.json").read_text())
         cfg.pop("model_max_length")
         if model_max_length:
@@ -108,8 +108,7 @@ def w(tmp_path_factory):
     weights = (STORIES / "model.safetensors").read_bytes()
     for name, data in (("corrupt", b"not a safetensors file" * 4), ("truncated", weights[: len(weights) // 2])):
         folder = t / name
-        shutil.copytree(STORIES, folder, ignore=shutil.ignore_patterns("original"))
-        (folder / "model.safetensors").chmod(0o644)
+        shutil.copytree(STORIES, folder, ignore=shutil.ignore_patterns("original"), copy_function=shutil.copyfile)
         (folder / "model.safetensors").write_bytes(data)
         setattr(w, name, folder)
     # GPT-2 projections are transformers Conv1D, not nn.Linear: nothing to adapt but the head.

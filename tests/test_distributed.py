@@ -77,11 +77,13 @@ def test_two_ranks_match_one_rank(rows, tmp_path, method, extra):
     ta, tb = (load_file(str(run / "adapter" / "adapter.safetensors")) for run in (one, two))
     assert ta.keys() == tb.keys()
     worst = max(float((tb[k] - ta[k]).norm() / ta[k].norm().clamp_min(1e-30)) for k in ta)
-    assert worst < 1e-3  # measured 3.7e-4 (qdora) and 6.1e-5 (qlora) after 9 steps at lr 1e-2
+    # measured 3.7e-4 (qdora) and 6.1e-5 (qlora) after 9 steps at lr 1e-2 here, up to 9.7e-4 with
+    # other CPU kernels (AVX2 BLAS, scalar ATen): summation order differs between the two runs
+    assert worst < 3e-3
     wa, wb = merged_weights(one), merged_weights(two)
     assert set(wa) == set(wb) and len(wa) == 35
     for name in wa:  # relative Frobenius error: Adam magnifies summation-order noise on tiny gradients
-        assert float((wb[name] - wa[name]).norm() / wa[name].norm()) < 1e-4, name
+        assert float((wb[name] - wa[name]).norm() / wa[name].norm()) < 3e-4, name  # 5e-5 here, 1.3e-4 on AVX2
     assert any(float(l.lora_B.detach().abs().sum()) > 0 for l in adapter_layers(load_run(str(two))[0]).values())
     if extra:
         return
