@@ -19,6 +19,7 @@ Targets (issue 2): ours QDoRA / ours QLoRA <= 1.10 time, <= 1.05 peak memory; ou
     python benchmarks/bench_layer.py                  # CPU, bf16 compute
     python benchmarks/bench_layer.py --device cuda    # on a GPU (memory then from torch.cuda)
     python benchmarks/bench_layer.py --profile        # which operators make up QDoRA's extra time
+    python benchmarks/bench_layer.py --floor          # QLoRA plus only the passes DoRA cannot avoid
 """
 
 from __future__ import annotations
@@ -143,6 +144,67 @@ def profile_difference(args, steps: int = 3, rows: int = 15) -> None:
         print(f"| {key} | {ms:+.2f} |")
 
 
+def dora_floor(args, rows: int = 2) -> None:
+    """The least any exact QDoRA built on these kernels can add to our QLoRA step: our QLoRA model
+    stepped with and without the three passes over memory that DoRA's formula needs and QLoRA's does
+    not, added by hooks that leave every result unchanged:
+      forward: W0 A^T on the dequantized weight (the norm's cross term), and one in-place pass over
+               the output (applying g = m / ||V||, here a zero g - 1);
+      backward: sum_t grad * out (the magnitude gradient), at the end of the layer's backward.
+    The norm's r x r arithmetic, g itself and the small-g check are left out, so the ratio is a lower
+    bound. Our QDoRA steps in the same rotation, for comparison."""
+    from qdora.dora import LoRALinear
+
+    on = {"floor": False}
+    pending = {}  # NF4Weight -> the A whose W0 A^T its next dequantization (the forward's) computes
+    qlora, qdora = build("qlora", args), build("qdora", args)
+
+    def pre_hook(layer, inputs):
+        if on["floor"]:
+            pending[layer.weight] = layer.lora_A
+
+    def post_hook(layer, inputs, out):
+        if not on["floor"]:
+            return
+        with torch.no_grad():
+            out.detach().addcmul_(out.detach(), layer.zero)
+        saved = out.detach().reshape(-1, out.shape[-1])
+
+        def magnitude_grad(grad_in, grad_out) -> None:  # runs right after the layer's backward
+            (grad_out[0].reshape(saved.shape) * saved).sum(0)
+        out.grad_fn.register_hook(magnitude_grad)
+
+    def with_norm_mm(weight, dequantize):
+        def wrapped(dtype, *a, **k):
+            dense = dequantize(dtype, *a, **k)
+            A = pending.pop(weight, None)
+            if A is not None:
+                dense @ A.to(dense.dtype).T
+            return dense
+        return wrapped
+
+    for layer in qlora.modules():
+        if isinstance(layer, LoRALinear):
+            layer.zero = torch.zeros(layer.out_features, dtype=torch.bfloat16, device=args.device)
+            layer.weight.dequantize = with_norm_mm(layer.weight, layer.weight.dequantize)
+            layer.register_forward_pre_hook(pre_hook)
+            layer.register_forward_hook(post_hook)
+    steps = {"qlora": step_fn(qlora, args), "qlora + DoRA's passes": None, "qdora": step_fn(qdora, args)}
+    steps["qlora + DoRA's passes"] = steps["qlora"]
+    times = {name: [] for name in steps}
+    for i in range(args.repeats + 1):
+        for name in (list(steps) if i % 2 else list(steps)[::-1]):
+            on["floor"] = name == "qlora + DoRA's passes"
+            t = time.perf_counter()
+            steps[name]()
+            if i:  # the first round is warm-up
+                times[name].append(time.perf_counter() - t)
+    med = {n: statistics.median(t) for n, t in times.items()}
+    print(f"median of {args.repeats} steps each, interleaved\n\n| config | step s | / ours QLoRA |\n| --- | --- | --- |")
+    for name, t in med.items():
+        print(f"| {name} | {t:.3f} | {t / med['qlora']:.3f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=4)
@@ -156,6 +218,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (0: torch's default)")
     p.add_argument("--profile", action="store_true", help="rank the operators by QDoRA's extra time over QLoRA")
+    p.add_argument("--floor", action="store_true",
+                   help="time our QLoRA with only the passes over memory that DoRA needs added (a lower bound)")
     p.add_argument("--memory-only", choices=CONFIGS, help=argparse.SUPPRESS)  # the subprocess mode
     p.add_argument("--trainer-malloc", type=int, default=1, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -168,6 +232,9 @@ def main() -> None:
         return
     if args.profile:
         profile_difference(args)
+        return
+    if args.floor:
+        dora_floor(args)
         return
 
     steps = {name: step_fn(build(name, args), args) for name in CONFIGS}
