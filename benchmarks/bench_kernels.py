@@ -102,11 +102,11 @@ def triton_dequant(out: int, inp: int, bs: int) -> tuple[Traffic, Traffic]:
 
 
 def torch_norm(out: int, inp: int, r: int, fdt: torch.dtype, bs: int) -> Traffic:
-    """`DoRALinear._norm_detached` on the PyTorch path: `_norm_torch(A.float(), B)`."""
+    """`DoRALinear._norm_detached` on the PyTorch path: `_norm_torch(A.float(), B.float())`."""
     st, in_pad, ns = storage(out, inp, bs)
     t, orr, o, rr = Traffic(), out * r * F32, out * F32, r * r * F32
     if fdt != torch.float32:
-        t.add("A.float()", r * inp * fdt.itemsize, r * inp * F32)
+        t.add("A.float(), B.float()", (r * inp + out * r) * fdt.itemsize, (r * inp + out * r) * F32)
     t.add("scales(): dequantize_blockwise, + offset", sum(st[k] for k in ("absmax", "absmax2", "code2")) + ns * F32,
           2 * ns * F32)
     step = max(1, (1 << 24) // in_pad)  # _norm_torch's chunk_elems

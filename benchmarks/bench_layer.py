@@ -144,7 +144,7 @@ def profile_difference(args, steps: int = 3, rows: int = 15) -> None:
         print(f"| {key} | {ms:+.2f} |")
 
 
-def dora_floor(args, rows: int = 2) -> None:
+def dora_floor(args) -> None:
     """The least any exact QDoRA built on these kernels can add to our QLoRA step: our QLoRA model
     stepped with and without the three passes over memory that DoRA's formula needs and QLoRA's does
     not, added by hooks that leave every result unchanged:
@@ -152,8 +152,12 @@ def dora_floor(args, rows: int = 2) -> None:
                the output (applying g = m / ||V||, here a zero g - 1);
       backward: sum_t grad * out (the magnitude gradient), at the end of the layer's backward.
     The norm's r x r arithmetic, g itself and the small-g check are left out, so the ratio is a lower
-    bound. Our QDoRA steps in the same rotation, for comparison."""
+    bound. Our QDoRA steps in the same rotation, for comparison. CPU only: on CUDA our QDoRA takes
+    the Triton norm and folds g into the dequantization, which these passes do not model."""
     from qdora.dora import LoRALinear
+
+    if args.device != "cpu":
+        raise SystemExit("--floor models the CPU path; run it with --device cpu")
 
     on = {"floor": False}
     pending = {}  # NF4Weight -> the A whose W0 A^T its next dequantization (the forward's) computes
@@ -192,8 +196,9 @@ def dora_floor(args, rows: int = 2) -> None:
     steps = {"qlora": step_fn(qlora, args), "qlora + DoRA's passes": None, "qdora": step_fn(qdora, args)}
     steps["qlora + DoRA's passes"] = steps["qlora"]
     times = {name: [] for name in steps}
+    names = list(steps)
     for i in range(args.repeats + 1):
-        for name in (list(steps) if i % 2 else list(steps)[::-1]):
+        for name in names[i % 3:] + names[:i % 3]:  # each config follows each other one equally often
             on["floor"] = name == "qlora + DoRA's passes"
             t = time.perf_counter()
             steps[name]()

@@ -212,8 +212,8 @@ class DoRALinear(LoRALinear):
                 from qdora.kernels.dora_norm import dora_row_norm
                 norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
             else:
-                norm = self._norm_torch(A.float(), B, dense, A_c)
-            if self.rank and not torch.amax(norm).item() < math.inf:  # inf, or NaN from inf - inf
+                norm = self._norm_torch(A.float(), B.float(), dense, A_c)
+            if self.rank and not torch.amax(norm).item() < math.inf:  # inf (or NaN)
                 self._fix_overflowed_rows(norm)
         self._norm_cache = (self._cache_key(), norm)
         return norm
@@ -228,7 +228,7 @@ class DoRALinear(LoRALinear):
 
     def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, dense: torch.Tensor | None = None,
                     A_c: torch.Tensor | None = None) -> torch.Tensor:
-        """Factored row norm in fp32 (A given in fp32, B in any float dtype). W0 @ A^T is one matmul
+        """Factored row norm in fp32 (A and B given in fp32). W0 @ A^T is one matmul
         on `dense` (W0 in the compute dtype, from this forward) when given: fp32 accumulation, each
         of the out x r results rounded once to that dtype (a relative 2^-9 on the cross term in
         bf16, ~3e-5 on the norm, far under bf16's own rounding). Otherwise it runs over float32 row
@@ -236,22 +236,23 @@ class DoRALinear(LoRALinear):
         if dense is not None:
             if A_c is None or A_c.dtype != dense.dtype:
                 A_c = A.to(dense.dtype)
-            wa = dense @ A_c.T
+            wa = (dense @ A_c.T).float()
         else:
             wa = torch.cat([w @ A.T for _, w in self.weight.row_chunks(chunk_elems=NORM_CHUNK_ELEMS)])
         return self._norm_from_wa(wa, A, B)
 
     def _norm_from_wa(self, wa: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor:
-        """c * sqrt(max(||W0/c||^2 + s (B/c).(2 W0 A^T / c + s (B/c) A A^T), eps)), c = row_scale: the
-        squared norm ||W0||^2 + 2s B.(W0 A^T) + s^2 B (A A^T) B^T of rows divided by c, in float32
-        (`wa` = W0 A^T in any float dtype). A row whose terms overflow (a tiny W0 row dwarfed by
-        s B A) comes out inf or NaN; _compute_norm recomputes it."""
+        """c * sqrt(max(||W0/c||^2 + (s/c) (B/c).(2 W0 A^T + s B A A^T), eps)), c = row_scale: the
+        squared norm ||W0||^2 + 2s B.(W0 A^T) + s^2 B (A A^T) B^T of rows divided by c. Dividing by c
+        once before and once after the dot product (not twice before) keeps the terms finite until
+        the sum, where s^2 B A A^T B^T >= 0 dominates any overflow: such a row comes out +inf (g = 0
+        in exact mode; _compute_norm recomputes it), not the NaN of inf - inf."""
         if wa is None:
             return self._unscale(self.w0_sq)
-        c = self.row_scale[:, None]
-        Bc = B / c  # float32, whatever B's dtype
-        u = torch.addmm(wa / c, Bc, A @ A.T, beta=2, alpha=self.scale)  # (2 W0 A^T + s B A A^T) / c
-        return self._unscale(torch.add(self.w0_sq, torch.linalg.vecdot(Bc, u), alpha=self.scale))
+        c = self.row_scale
+        t = torch.addmm(wa, B, A @ A.T, beta=2, alpha=self.scale)
+        n2 = torch.addcdiv(self.w0_sq, torch.linalg.vecdot(B / c[:, None], t), c, value=self.scale)
+        return self._unscale(n2)
 
     def _unscale(self, n2: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         """Row norms from squared norms of rows divided by c (row_scale): clamp, root, scale back."""

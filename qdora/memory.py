@@ -192,6 +192,9 @@ def predict(hf_config, adapter: AdapterConfig, seq_len: int = 2048, batch_size: 
     `hf_config` is a transformers config or anything `load_config` takes (a shipped name, a path).
     `device` only matters for dropout masks (bool on CUDA, compute dtype on CPU).
     """
+    if adapter.method == "qdora" and adapter.norm_mode != "detached":
+        raise ValueError(f"norm_mode={adapter.norm_mode!r} is not modelled (its backward keeps other tensors); "
+                         f"drop --norm_mode for the default 'detached', or read peak_memory_mb from a short qdora train")
     from .distributed import decoder_blocks
 
     if isinstance(hf_config, (str, os.PathLike)):
@@ -273,9 +276,6 @@ def format_table(result: dict, title: str) -> str:
 
 def memory(cfg: MemoryConfig, adapter: AdapterConfig = AdapterConfig()) -> dict:
     """Print and return the predicted per-rank memory of one training step (GiB per category)."""
-    if adapter.method == "qdora" and adapter.norm_mode != "detached":
-        raise ValueError(f"norm_mode={adapter.norm_mode!r} is not modelled (its backward keeps other tensors); "
-                         f"drop --norm_mode for the default 'detached', or read peak_memory_mb from a short qdora train")
     hf_config = load_config(cfg.config)
     result = predict(hf_config, adapter, cfg.seq_len, cfg.batch_size, cfg.world_size, cfg.checkpointing,
                      cfg.offload, cfg.loss_chunk)

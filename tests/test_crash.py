@@ -275,7 +275,7 @@ class InfGrad(torch.autograd.Function):
 def test_nonfinite_stop_then_resume_with_skip(rows, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     monkeypatch.setattr(qdora.train, "answer_loss", Inject(at=3))
-    assert main(flags(rows, out, "--steps=5")) == 2
+    assert main(flags(rows, out, "--steps=5", "--device=cpu")) == 2
     assert not qdora.streaming.freed_memory_kept()  # the failed CPU run ended its allocator policy
     err = error(capsys)
     assert err == ("qdora: error: loss became nan at step 3; lower --lr, check the data, or pass "

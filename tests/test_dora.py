@@ -161,8 +161,10 @@ def test_norm_cache_recomputed_after_optimizer_step_only():
                                (layer.magnitude.float() / layer._norm_detached()), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2, 8])  # 1, 2 and 8 gave NaN with the norm divided by c twice before the dot
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_no_nan_for_extreme_finite_weights(double_quant):
+def test_no_nan_for_extreme_finite_weights(double_quant, seed):
+    torch.manual_seed(seed)
     w = torch.randn(6, 64)
     w[0] = 0.0                      # a dead row: norm clamps to sqrt(NORM_EPS), m starts equal
     w[1] = 1e30                     # huge values: squared norms would overflow without row scaling
