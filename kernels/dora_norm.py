@@ -155,7 +155,10 @@ if triton is not None:
         update = 2.0 * scale * cross + scale * scale * quad
         if FINAL:
             n2 = tl.load(w0_sq_ptr + rows, mask=row_mask, other=0.0) + update
-            tl.store(out_ptr + rows, tl.sqrt_rn(tl.maximum(n2, eps)) * c, mask=row_mask)
+            # NaN (inf - inf in an overflowed row) must reach DoRALinear's overflow check: a GPU's
+            # max() returns the other operand for NaN unless told to propagate it
+            n2 = tl.maximum(n2, eps, propagate_nan=tl.PropagateNan.ALL)
+            tl.store(out_ptr + rows, tl.sqrt_rn(n2) * c, mask=row_mask)
         else:
             tl.store(out_ptr + pid_k * n_rows + rows, update, mask=row_mask)  # partials are (split, out)
 
@@ -167,7 +170,7 @@ if triton is not None:
         n2 = tl.load(w0_sq_ptr + rows, mask=mask, other=0.0)
         for k in range(n_split):
             n2 += tl.load(part_ptr + k * n_rows + rows, mask=mask, other=0.0)
-        norm = tl.sqrt_rn(tl.maximum(n2, eps))
+        norm = tl.sqrt_rn(tl.maximum(n2, eps, propagate_nan=tl.PropagateNan.ALL))  # NaN: as above
         if HAS_ROW_SCALE:
             norm = norm * tl.load(row_scale_ptr + rows, mask=mask, other=1.0)
         tl.store(out_ptr + rows, norm, mask=mask)
