@@ -228,11 +228,11 @@ class DoRALinear(LoRALinear):
 
     def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, dense: torch.Tensor | None = None,
                     A_c: torch.Tensor | None = None) -> torch.Tensor:
-        """Factored row norm in fp32 (A and B given in fp32). W0 @ A^T is one matmul
-        on `dense` (W0 in the compute dtype, from this forward) when given: fp32 accumulation, each
-        of the out x r results rounded once to that dtype (a relative 2^-9 on the cross term in
-        bf16, ~3e-5 on the norm, far under bf16's own rounding). Otherwise it runs over float32 row
-        chunks dequantized from NF4, each small enough to stay in cache (never an out x in fp32 copy)."""
+        """Factored row norm in fp32 (A and B given in fp32). W0 @ A^T is one matmul on `dense` (W0 in
+        the compute dtype, from this forward) when given: fp32 accumulation, each of the out x r
+        results rounded once to that dtype (a relative 2^-9 on the cross term in bf16, ~3e-5 on the
+        norm, far under bf16's own rounding). Otherwise it runs over float32 row chunks dequantized
+        from NF4, each small enough to stay in cache (never an out x in fp32 copy)."""
         if dense is not None:
             if A_c is None or A_c.dtype != dense.dtype:
                 A_c = A.to(dense.dtype)
