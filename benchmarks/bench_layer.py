@@ -193,8 +193,8 @@ def dora_floor(args) -> None:
             layer.weight.dequantize = with_norm_mm(layer.weight, layer.weight.dequantize)
             layer.register_forward_pre_hook(pre_hook)
             layer.register_forward_hook(post_hook)
-    steps = {"qlora": step_fn(qlora, args), "qlora + DoRA's passes": None, "qdora": step_fn(qdora, args)}
-    steps["qlora + DoRA's passes"] = steps["qlora"]
+    step_qlora = step_fn(qlora, args)  # one model and optimizer; the hooks switch the passes on
+    steps = {"qlora": step_qlora, "qlora + DoRA's passes": step_qlora, "qdora": step_fn(qdora, args)}
     times = {name: [] for name in steps}
     names = list(steps)
     for i in range(args.repeats + 1):
