@@ -14,23 +14,22 @@ class AdapterFunction(torch.autograd.Function):
         QLoRA  out =     x W0^T + s (x_d A^T) B^T  + bias
         QDoRA  out = g * (x W0^T + s (x_d A^T) B^T) + bias,   g = m / ||V|| (float32, detached)
 
-    Forward: base = x W0^T; QDoRA then scales it in place as base + (g - 1) * base (one pass,
-    float32 arithmetic inside the kernel, g - 1 in the compute dtype: rounding g - 1 rather than g
-    keeps g = 1 exact and costs a relative 2^-9 of g - 1 only). With `fold` (the norm was computed
-    without dequantizing W0: Triton, or magnitude-only) g is instead folded into the NF4 block
-    scales, so bitsandbytes dequantizes diag(g) W0 directly and the pass disappears. The low-rank
-    product is accumulated into the output by addmm with diag(g) s B (float32, rounded once), so
-    it is never a separate (tokens x out) tensor. Backward always folds g into the block scales,
-    so grad @ diag(g) W0 is one matmul, and the two input-gradient branches are summed by addmm.
-    `dense` is W0 when the caller already dequantized it (for the norm) and `A_c` is A in the
-    compute dtype. Saved: x (and x_d), A x, A_c, and for QDoRA the output and g; W0 is
-    dequantized again in backward, never kept.
+    Forward: base = x W0^T; QDoRA then scales it by g in one pass (float32 products rounded once,
+    so g = 1 leaves it bit for bit). With `fold` (the norm was computed without dequantizing W0:
+    Triton, or magnitude-only) g is instead folded into the NF4 block scales, so bitsandbytes
+    dequantizes diag(g) W0 directly and the pass disappears. The low-rank product is accumulated
+    into the output by addmm with diag(g) s B (float32, rounded once), so it is never a separate
+    (tokens x out) tensor. Backward always folds g into the block scales, so grad @ diag(g) W0 is
+    one matmul, and the two input-gradient branches are summed by addmm. `dense` is W0 when the
+    caller already dequantized it (for the norm) and `A_c` is A in the compute dtype. Saved: x
+    (and x_d), A x, A_c, and for QDoRA the output and g; W0 is dequantized again in backward,
+    never kept.
 
     dL/dm = sum_t grad * y / ||V|| needs y = x W0^T + s lora; it is recovered as (out - bias) / g
     rather than stored (the output is often saved by the next op anyway: attention's v, the MLP's
     gate and up). Rows with |g| < G_RECOMPUTE are rare (m far below ||V||) and handled apart:
-    there 1 + (g - 1 rounded) is far from g (17% off at g = 0.01 in bf16), so the forward computes
-    their base term in fp32, and backward recomputes their y from x and those rows of W0.
+    there the output's rounding, relative to the bias too, is divided by a small g (and g = 0 leaves
+    nothing to divide), so backward recomputes their y from x and those rows of W0.
     """
 
     G_RECOMPUTE = 0.5
@@ -50,16 +49,13 @@ class AdapterFunction(torch.autograd.Function):
         else:
             out = x @ (weight.dequantize(dtype) if dense is None else dense).T
             if g is not None:
-                out.addcmul_(out, (g - 1).to(dtype))
-                if rows is not None:
-                    base = _recompute_rows(x, None, None, weight, rows, scale)
-                    out.view(-1, out.shape[-1])[:, rows] = (base * g[rows]).to(dtype)
+                out = _scale_columns(out, g)
         ax = Bs = row_factor = None
         if A is not None:
             row_factor = scale if g is None else (g * scale)[:, None]
             A_c = A.to(dtype) if A_c is None else A_c
             ax = x_drop @ A_c.T
-            Bs = (B.float() * scale if g is None else torch.mul(B, row_factor)).to(dtype)  # rounded once
+            Bs = torch.mul(B, row_factor, out=torch.empty_like(B, dtype=dtype))  # float32 product, rounded once
             out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), Bs.T)
             if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
                 A_c = None  # only the input gradient needs it
@@ -101,15 +97,28 @@ def _magnitude_grad(grad2, out, x, ax, B, m, norm, rows, bias, weight: NF4Weight
     an fp32 copy of the product would cost more than the whole pass. `rows` (|g| < G_RECOMPUTE,
     found in forward) are recomputed from x (see AdapterFunction)."""
     out2 = out.reshape(-1, out.shape[-1])
-    if bias is not None:
-        out2 = out2 - bias
-    prod = grad2 * out2
-    total = prod.sum(0, dtype=torch.float32) if prod.dtype == torch.float16 else prod.sum(0)  # fp16 overflows
+    if grad2.device.type == "cpu":
+        # batch norm's backward computes sum_t grad * (out - mean) * invstd per column in one pass,
+        # float32 products and sums: mean = bias, invstd = 1 give sum_t grad * (out - bias).
+        mean = torch.zeros_like(norm) if bias is None else bias.float()
+        total = torch.ops.aten.native_batch_norm_backward(grad2, out2, None, None, None, mean, torch.ones_like(norm),
+                                                          True, 0.0, [False, True, False])[1]
+    else:
+        prod = grad2 * (out2 if bias is None else out2 - bias)
+        total = prod.sum(0, dtype=torch.float32)
     grad_m = torch.div(total, m).to(m.dtype)
     if rows is not None:
         y = _recompute_rows(x, ax, B, weight, rows, scale)
         grad_m[rows] = ((grad2[:, rows].float() * y).sum(0) / norm[rows]).to(m.dtype)
     return grad_m
+
+
+def _scale_columns(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """y * g per output column (g float32), one pass with float32 products rounded once to y's dtype:
+    batch norm in inference form with zero mean and unit variance is exactly y * g (a bf16 multiply
+    would round g itself first)."""
+    y2 = y.reshape(-1, y.shape[-1])
+    return torch.nn.functional.batch_norm(y2, torch.zeros_like(g), torch.ones_like(g), g, None, False, 0.0, 0.0).view(y.shape)
 
 
 def _dequantize(weight: NF4Weight, dtype: torch.dtype, g: torch.Tensor | None) -> torch.Tensor:

@@ -138,8 +138,8 @@ class DoRALinear(LoRALinear):
     ||W0||^2_row is a constant computed once and the rest needs only W0 @ A^T (out x r) and A @ A^T
     (r x r), accumulated in fp32 and clamped at NORM_EPS before the square root.
 
-    With g = m / ||V|| (fp32) the output is y = base + (g - 1) * base + dropout(x) A^T (diag(g) s B)^T
-    with base = x W0^T, in one in-place pass and one addmm, or with g folded into the dequantization
+    With g = m / ||V|| (fp32) the output is y = g * base + dropout(x) A^T (diag(g) s B)^T with
+    base = x W0^T, in one pass over the output and one addmm, or with g folded into the dequantization
     of W0 when the norm needs no dense W0 (see AdapterFunction); when g = 1 and B = 0 the output
     equals the NF4 base output bit for bit.
 
