@@ -3,7 +3,10 @@ LoRALinear (QLoRA) and DoRALinear (detached-norm QDoRA) share."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch.nn import functional as F
 
 from .nf4 import NF4Weight
 
@@ -54,7 +57,7 @@ class AdapterFunction(torch.autograd.Function):
         if A is not None:
             row_factor = scale if g is None else (g * scale)[:, None]
             A_c = A.to(dtype) if A_c is None else A_c
-            ax = x_drop @ A_c.T
+            ax = F.linear(x_drop, A_c)
             Bs = torch.mul(B, row_factor, out=torch.empty_like(B, dtype=dtype))  # float32 product, rounded once
             out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), Bs.T)
             if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
@@ -100,8 +103,9 @@ def _magnitude_grad(grad2, out, x, ax, B, m, norm, rows, bias, weight: NF4Weight
     if grad2.device.type == "cpu":
         # batch norm's backward computes sum_t grad * (out - mean) * invstd per column in one pass,
         # float32 products and sums: mean = bias, invstd = 1 give sum_t grad * (out - bias).
-        mean = torch.zeros_like(norm) if bias is None else bias.float()
-        total = torch.ops.aten.native_batch_norm_backward(grad2, out2, None, None, None, mean, torch.ones_like(norm),
+        zeros, ones = _unit_stats(norm.shape[0], norm.device)
+        mean = zeros if bias is None else bias.float()
+        total = torch.ops.aten.native_batch_norm_backward(grad2, out2, None, None, None, mean, ones,
                                                           True, 0.0, [False, True, False])[1]
     else:
         prod = grad2 * (out2 if bias is None else out2 - bias)
@@ -117,8 +121,14 @@ def _scale_columns(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """y * g per output column (g float32), one pass with float32 products rounded once to y's dtype:
     batch norm in inference form with zero mean and unit variance is exactly y * g (a bf16 multiply
     would round g itself first)."""
-    y2 = y.reshape(-1, y.shape[-1])
-    return torch.nn.functional.batch_norm(y2, torch.zeros_like(g), torch.ones_like(g), g, None, False, 0.0, 0.0).view(y.shape)
+    zeros, ones = _unit_stats(g.shape[0], g.device)
+    return F.batch_norm(y.reshape(-1, y.shape[-1]), zeros, ones, g, None, False, 0.0, 0.0).view(y.shape)
+
+
+@functools.cache
+def _unit_stats(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero means and unit variances (float32, read-only use) for the batch-norm passes above."""
+    return torch.zeros(n, device=device), torch.ones(n, device=device)
 
 
 def _dequantize(weight: NF4Weight, dtype: torch.dtype, g: torch.Tensor | None) -> torch.Tensor:

@@ -7,6 +7,7 @@ import os
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .adapter_function import AdapterFunction
@@ -236,7 +237,7 @@ class DoRALinear(LoRALinear):
         if dense is not None:
             if A_c is None or A_c.dtype != dense.dtype:
                 A_c = A.to(dense.dtype)
-            wa = (dense @ A_c.T).float()
+            wa = F.linear(dense, A_c).float()
         else:
             wa = torch.cat([w @ A.T for _, w in self.weight.row_chunks(chunk_elems=NORM_CHUNK_ELEMS)])
         return self._norm_from_wa(wa, A, B)
@@ -250,7 +251,7 @@ class DoRALinear(LoRALinear):
         if wa is None:
             return self._unscale(self.w0_sq)
         c = self.row_scale
-        t = torch.addmm(wa, B, A @ A.T, beta=2, alpha=self.scale)
+        t = torch.addmm(wa, B, F.linear(A, A), beta=2, alpha=self.scale)
         n2 = torch.addcdiv(self.w0_sq, torch.linalg.vecdot(B / c[:, None], t), c, value=self.scale)
         return self._unscale(n2)
 
