@@ -11,11 +11,17 @@ from torch.nn import functional as F
 from .nf4 import NF4Weight
 
 
+G_RECOMPUTE = 0.5
+
+
 class AdapterFunction(torch.autograd.Function):
     """QLoRA and detached-norm QDoRA on an NF4 base, with at most one pass over the activations.
 
         QLoRA  out =     x W0^T + s (x_d A^T) B^T  + bias
         QDoRA  out = g * (x W0^T + s (x_d A^T) B^T) + bias,   g = m / ||V|| (float32, detached)
+
+    The caller gives g (float32, computed from m without a graph) and m itself, whose gradient this
+    function returns.
 
     Forward: base = x W0^T; QDoRA then scales it by g in one pass (float32 products rounded once,
     so g = 1 leaves it bit for bit). With `fold` (the norm was computed without dequantizing W0:
@@ -30,23 +36,15 @@ class AdapterFunction(torch.autograd.Function):
 
     dL/dm = sum_t grad * y / ||V|| needs y = x W0^T + s lora; it is recovered as (out - bias) / g
     rather than stored (the output is often saved by the next op anyway: attention's v, the MLP's
-    gate and up). Rows with |g| < G_RECOMPUTE are rare (m far below ||V||) and handled apart:
-    there the output's rounding, relative to the bias too, is divided by a small g (and g = 0 leaves
-    nothing to divide), so backward recomputes their y from x and those rows of W0.
+    gate and up). `rows` (an index tensor, or None) are those with |g| < G_RECOMPUTE, rare (m far
+    below ||V||): there the output's rounding, relative to the bias too, is divided by a small g
+    (and g = 0 leaves nothing to divide), so backward recomputes their y from x and those rows of W0.
     """
 
-    G_RECOMPUTE = 0.5
-
     @staticmethod
-    def forward(ctx, x, x_drop, A, B, m, norm, bias, weight: NF4Weight, scale: float,  # type: ignore[override]
+    def forward(ctx, x, x_drop, A, B, m, norm, g, rows, bias, weight: NF4Weight, scale: float,  # type: ignore[override]
                 dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None, fold: bool = False):
         dtype = x.dtype
-        g = rows = None
-        if m is not None:
-            g = torch.div(m, norm)  # float32: norm is float32
-            if not torch.amin(g).item() >= AdapterFunction.G_RECOMPUTE:  # one reduction in the common case
-                rows = (g.abs() < AdapterFunction.G_RECOMPUTE).nonzero().squeeze(1)
-                rows = rows if rows.numel() else None
         if fold and g is not None:
             out = x @ _dequantize(weight, dtype, g).T
         else:
@@ -90,7 +88,7 @@ class AdapterFunction(torch.autograd.Function):
             grad_x = grad_x.view(*lead, -1)
         if m is not None and ctx.needs_input_grad[4]:
             grad_m = _magnitude_grad(grad2, out, x, ax, B, m, norm, ctx.rows, bias, weight, scale)
-        return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None, None, None, None
+        return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None, None, None, None, None, None
 
 
 def _magnitude_grad(grad2, out, x, ax, B, m, norm, rows, bias, weight: NF4Weight, scale: float) -> torch.Tensor:

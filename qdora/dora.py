@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .adapter_function import AdapterFunction
+from .adapter_function import G_RECOMPUTE, AdapterFunction
 from .nf4 import NF4Weight, nf4_linear
 
 NORM_MODES = ("detached", "exact")
@@ -106,8 +106,8 @@ class LoRALinear(nn.Module):
             if not self.rank:
                 out = nf4_linear(x, self.weight)
                 return out if self.bias is None else out + self._bias(dtype)
-            return AdapterFunction.apply(x, self.dropout(x), self.lora_A, self.lora_B, None, None, self._bias(dtype),
-                                          self.weight, self.scale)
+            return AdapterFunction.apply(x, self.dropout(x), self.lora_A, self.lora_B, None, None, None, None,
+                                          self._bias(dtype), self.weight, self.scale)
 
     @torch.no_grad()
     def delta(self) -> torch.Tensor:
@@ -202,9 +202,11 @@ class DoRALinear(LoRALinear):
         norm = self._cached_norm()
         return self._compute_norm() if norm is None else norm
 
-    def _compute_norm(self, dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None) -> torch.Tensor:
+    def _compute_norm(self, dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None,
+                      check: bool = True) -> torch.Tensor:
         """||V||_row in fp32, no graph, computed now and cached. `dense`, when given, is W0 already
-        dequantized for this forward, reused for W0 @ A^T, and `A_c` is A already cast to its dtype."""
+        dequantized for this forward, reused for W0 @ A^T, and `A_c` is A already cast to its dtype.
+        Rows whose factored norm overflowed are repaired unless `check` is off (forward: _gain)."""
         A, B = self.lora_A, self.lora_B
         with torch.no_grad():
             if not self.rank:
@@ -214,7 +216,7 @@ class DoRALinear(LoRALinear):
                 norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
             else:
                 norm = self._norm_torch(A.float(), B.float(), dense, A_c)
-            if self.rank and not torch.amax(norm).item() < math.inf:  # inf (or NaN)
+            if check and self.rank and not torch.amax(norm).item() < math.inf:  # inf (or NaN)
                 self._fix_overflowed_rows(norm)
         self._norm_cache = (self._cache_key(), norm)
         return norm
@@ -277,9 +279,24 @@ class DoRALinear(LoRALinear):
                     A_c = self.lora_A.to(dtype)
                     if not fold:
                         dense = self.weight.dequantize(dtype)  # one dequantization for the norm and the output
-                norm = self._compute_norm(dense, A_c)
-            return AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude, norm,
+                norm = self._compute_norm(dense, A_c, check=False)  # _gain checks it
+            g, rows = self._gain(norm)
+            return AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude, norm, g, rows,
                                           self._bias(dtype), self.weight, self.scale, dense, A_c, fold)
+
+    def _gain(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """g = m / ||V|| (float32, no graph) and the rows with |g| < G_RECOMPUTE (None when there are
+        none). One reduction covers the common case: a non-finite norm (overflow) makes its g 0 or
+        NaN, so it fails the same check, and is repaired here in the cache before g is recomputed."""
+        with torch.no_grad():
+            g = torch.div(self.magnitude, norm)
+            if torch.amin(g).item() >= G_RECOMPUTE:
+                return g, None
+            if self.rank and not torch.isfinite(norm).all():
+                self._fix_overflowed_rows(norm)
+                g = torch.div(self.magnitude, norm)
+            rows = (g.abs() < G_RECOMPUTE).nonzero().squeeze(1)
+        return g, rows if rows.numel() else None
 
     def _forward_exact(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         A, B = self.lora_A.float(), self.lora_B.float()
