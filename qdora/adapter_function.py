@@ -53,7 +53,7 @@ class AdapterFunction(torch.autograd.Function):
                 out = _scale_columns(out, g)
         ax = Bs = row_factor = None
         if A is not None:
-            row_factor = scale if g is None else (g * scale)[:, None]
+            row_factor = scale if g is None else (g * scale).unsqueeze(1)
             A_c = A.to(dtype) if A_c is None else A_c
             ax = F.linear(x_drop, A_c)
             Bs = torch.mul(B, row_factor, out=torch.empty_like(B, dtype=dtype))  # float32 product, rounded once
@@ -131,7 +131,7 @@ def _unit_stats(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tenso
 
 def _dequantize(weight: NF4Weight, dtype: torch.dtype, g: torch.Tensor | None) -> torch.Tensor:
     """W0, or diag(g) W0 with g (float32, per row) folded into the block scales, in `dtype`."""
-    return weight.dequantize(dtype) if g is None else weight.dequantize(dtype, scales=weight.scales() * g[:, None])
+    return weight.dequantize(dtype) if g is None else weight.dequantize(dtype, scales=weight.scales() * g.unsqueeze(1))
 
 
 def _recompute_rows(x, ax, B, weight: NF4Weight, rows: torch.Tensor, scale: float) -> torch.Tensor:

@@ -254,7 +254,7 @@ class DoRALinear(LoRALinear):
             return self._unscale(self.w0_sq)
         c = self.row_scale
         t = torch.addmm(wa, B, F.linear(A, A), beta=2, alpha=self.scale)
-        n2 = torch.addcdiv(self.w0_sq, torch.linalg.vecdot(B / c[:, None], t), c, value=self.scale)
+        n2 = torch.addcdiv(self.w0_sq, torch.linalg.vecdot(B / c.unsqueeze(1), t), c, value=self.scale)
         return self._unscale(n2)
 
     def _unscale(self, n2: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
