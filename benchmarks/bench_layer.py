@@ -148,12 +148,14 @@ def dora_floor(args) -> None:
     """The least any exact QDoRA built on these kernels can add to our QLoRA step: our QLoRA model
     stepped with and without the three passes over memory that DoRA's formula needs and QLoRA's does
     not, added by hooks that leave every result unchanged:
-      forward: W0 A^T on the dequantized weight (the norm's cross term), and one in-place pass over
-               the output (applying g = m / ||V||, here a zero g - 1);
+      forward: W0 A^T on the dequantized weight (the norm's cross term), and one pass over the output
+               (applying g = m / ||V||, here g = 1 into a tensor that is dropped);
       backward: sum_t grad * out (the magnitude gradient), at the end of the layer's backward.
+    Both passes are qdora.adapter_function's own (scale_columns, column_dots).
     The norm's r x r arithmetic, g itself and the small-g check are left out, so the ratio is a lower
     bound. Our QDoRA steps in the same rotation, for comparison. CPU only: on CUDA our QDoRA takes
     the Triton norm and folds g into the dequantization, which these passes do not model."""
+    from qdora.adapter_function import column_dots, scale_columns
     from qdora.dora import LoRALinear
 
     if args.device != "cpu":
@@ -171,11 +173,11 @@ def dora_floor(args) -> None:
         if not on["floor"]:
             return
         with torch.no_grad():
-            out.detach().addcmul_(out.detach(), layer.zero)
+            scale_columns(out.detach(), layer.one)
         saved = out.detach().reshape(-1, out.shape[-1])
 
         def magnitude_grad(grad_in, grad_out) -> None:  # runs right after the layer's backward
-            (grad_out[0].reshape(saved.shape) * saved).sum(0)
+            column_dots(grad_out[0].reshape(saved.shape), saved)
         out.grad_fn.register_hook(magnitude_grad)
 
     def with_norm_mm(weight, dequantize):
@@ -189,7 +191,7 @@ def dora_floor(args) -> None:
 
     for layer in qlora.modules():
         if isinstance(layer, LoRALinear):
-            layer.zero = torch.zeros(layer.out_features, dtype=torch.bfloat16, device=args.device)
+            layer.one = torch.ones(layer.out_features, device=args.device)
             layer.weight.dequantize = with_norm_mm(layer.weight, layer.weight.dequantize)
             layer.register_forward_pre_hook(pre_hook)
             layer.register_forward_hook(post_hook)

@@ -50,7 +50,7 @@ class AdapterFunction(torch.autograd.Function):
         else:
             out = x @ (weight.dequantize(dtype) if dense is None else dense).T
             if g is not None:
-                out = _scale_columns(out, g)
+                out = scale_columns(out, g)
         ax = Bs = row_factor = None
         if A is not None:
             row_factor = scale if g is None else (g * scale).unsqueeze(1)
@@ -93,21 +93,9 @@ class AdapterFunction(torch.autograd.Function):
 
 def _magnitude_grad(grad2, out, x, ax, B, m, norm, rows, bias, weight: NF4Weight, scale: float) -> torch.Tensor:
     """dL/dm = sum_t grad * y / ||V|| with y = (out - bias) / g, that is sum_t grad * (out - bias) / m
-    (g ||V|| = m). The product is one pass in the compute dtype and the sum over tokens accumulates
-    in fp32 (PyTorch's reductions of bf16/fp16 do), its result rounded once to the compute dtype:
-    an fp32 copy of the product would cost more than the whole pass. `rows` (|g| < G_RECOMPUTE,
-    found in forward) are recomputed from x (see AdapterFunction)."""
-    out2 = out.reshape(-1, out.shape[-1])
-    if grad2.device.type == "cpu":
-        # batch norm's backward computes sum_t grad * (out - mean) * invstd per column in one pass,
-        # float32 products and sums: mean = bias, invstd = 1 give sum_t grad * (out - bias).
-        zeros, ones = _unit_stats(norm.shape[0], norm.device)
-        mean = zeros if bias is None else bias.float()
-        total = torch.ops.aten.native_batch_norm_backward(grad2, out2, None, None, None, mean, ones,
-                                                          True, 0.0, [False, True, False])[1]
-    else:
-        prod = grad2 * (out2 if bias is None else out2 - bias)
-        total = prod.sum(0, dtype=torch.float32)
+    (g ||V|| = m), its result rounded once to m's dtype. `rows` (|g| < G_RECOMPUTE, found in
+    forward) are recomputed from x (see AdapterFunction)."""
+    total = column_dots(grad2, out.reshape(-1, out.shape[-1]), bias)
     grad_m = torch.div(total, m).to(m.dtype)
     if rows is not None:
         y = _recompute_rows(x, ax, B, weight, rows, scale)
@@ -115,7 +103,20 @@ def _magnitude_grad(grad2, out, x, ax, B, m, norm, rows, bias, weight: NF4Weight
     return grad_m
 
 
-def _scale_columns(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def column_dots(a: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_t a[t] * (b[t] - shift) per column of two (tokens x n) tensors, in float32. On the CPU one
+    pass with float32 products: batch norm's backward computes sum_t grad * (x - mean) * invstd per
+    channel, here with mean = shift and invstd = 1. Elsewhere the product is rounded to the compute
+    dtype before the float32 sum."""
+    if a.device.type == "cpu":
+        zeros, ones = _unit_stats(a.shape[-1], a.device)
+        mean = zeros if shift is None else shift.float()
+        return torch.ops.aten.native_batch_norm_backward(a, b, None, None, None, mean, ones, True, 0.0,
+                                                         [False, True, False])[1]
+    return (a * (b if shift is None else b - shift)).sum(0, dtype=torch.float32)
+
+
+def scale_columns(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """y * g per output column (g float32), one pass with float32 products rounded once to y's dtype:
     batch norm in inference form with zero mean and unit variance is exactly y * g (a bf16 multiply
     would round g itself first)."""

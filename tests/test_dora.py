@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from qdora.adapter_function import column_dots, scale_columns
 from qdora.dora import NORM_EPS, DoRALinear, LoRALinear, invalidate_norm_caches
 from qdora.nf4 import NF4Weight
 
@@ -344,3 +345,28 @@ def test_input_without_grad_gives_same_adapter_gradients(cls):
         grads.append([p.grad.clone() for p in layer.parameters() if p.requires_grad])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_columns_is_one_rounding_of_the_float32_product(dtype):
+    y = torch.randn(3, 5, 37, dtype=dtype)
+    g = torch.rand(37) * 3
+    g[:4] = 1.0
+    out = scale_columns(y, g)
+    assert out.dtype == dtype and out.shape == y.shape
+    assert torch.equal(out, (y.float() * g).to(dtype))
+    assert torch.equal(out[..., :4], y[..., :4])  # g = 1 leaves the output bit for bit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shift", [False, True])
+def test_column_dots_match_float64(dtype, shift):
+    """Float32 products and sums (on the CPU): within a few float32 roundings of the float64 sums,
+    also for non-contiguous operands."""
+    a = torch.randn(37, 300, dtype=dtype).T  # (300 tokens, 37 columns), column-major
+    b = torch.randn(300, 37, dtype=dtype)
+    s = torch.randn(37) if shift else None
+    prod = a.double() * (b.double() - (0 if s is None else s.double()))
+    got = column_dots(a, b, s)
+    assert got.dtype == torch.float32
+    assert ((got.double() - prod.sum(0)).abs() <= 1e-6 * prod.abs().sum(0)).all()
