@@ -56,7 +56,8 @@ class AdapterFunction(torch.autograd.Function):
             row_factor = scale if g is None else (g * scale).unsqueeze(1)
             A_c = A.to(dtype) if A_c is None else A_c
             ax = F.linear(x_drop, A_c)
-            Bs = torch.mul(B, row_factor, out=torch.empty_like(B, dtype=dtype))  # float32 product, rounded once
+            B_m = B if g is not None or B.dtype == torch.float32 else B.float()  # the product in float32
+            Bs = torch.mul(B_m, row_factor, out=torch.empty_like(B, dtype=dtype))  # rounded once
             out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), Bs.T)
             if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
                 A_c = None  # only the input gradient needs it
@@ -83,9 +84,9 @@ class AdapterFunction(torch.autograd.Function):
             if ctx.drop_is_x and grad_x is not None:
                 grad_x.addmm_(grad_ax, A_c)  # both branches' input gradients in one sum
             elif ctx.needs_input_grad[1]:
-                grad_xd = (grad_ax @ A_c).view(*lead, -1)
+                grad_xd = (grad_ax @ A_c).view(*lead, x.shape[-1])
         if grad_x is not None:
-            grad_x = grad_x.view(*lead, -1)
+            grad_x = grad_x.view(*lead, x.shape[-1])
         if m is not None and ctx.needs_input_grad[4]:
             grad_m = _magnitude_grad(grad2, out, x, ax, B, m, norm, ctx.rows, bias, weight, scale)
         return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None, None, None, None, None, None
@@ -108,6 +109,8 @@ def column_dots(a: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = N
     pass with float32 products: batch norm's backward computes sum_t grad * (x - mean) * invstd per
     channel, here with mean = shift and invstd = 1. Elsewhere the product is rounded to the compute
     dtype before the float32 sum."""
+    if a.shape[0] == 0:  # no tokens (batch norm's kernel would divide by zero)
+        return torch.zeros(a.shape[-1], device=a.device)
     if a.device.type == "cpu":
         zeros, ones = _unit_stats(a.shape[-1], a.device)
         mean = zeros if shift is None else shift.float()
@@ -117,17 +120,24 @@ def column_dots(a: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = N
 
 
 def scale_columns(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """y * g per output column (g float32), one pass with float32 products rounded once to y's dtype:
-    batch norm in inference form with zero mean and unit variance is exactly y * g (a bf16 multiply
-    would round g itself first)."""
+    """y * g per output column (g float32): one pass, float32 products rounded once
+    to y's dtype (a bf16 multiply would round g itself first), so g = 1 leaves every value as it was
+    (on the CPU a -0.0 becomes +0.0). On the CPU batch norm in inference form (zero mean, unit
+    variance) computes exactly y * g + 0, and faster than a mixed-dtype multiply, which PyTorch runs
+    there without vectorizing; elsewhere that multiply is the one pass."""
+    if y.device.type != "cpu":
+        return torch.mul(y, g, out=torch.empty_like(y))
     zeros, ones = _unit_stats(g.shape[0], g.device)
     return F.batch_norm(y.reshape(-1, y.shape[-1]), zeros, ones, g, None, False, 0.0, 0.0).view(y.shape)
 
 
 @functools.cache
 def _unit_stats(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Zero means and unit variances (float32, read-only use) for the batch-norm passes above."""
-    return torch.zeros(n, device=device), torch.ones(n, device=device)
+    """Zero means and unit variances (float32, read-only use) for the batch-norm passes above, made
+    outside inference mode so that they serve any later call."""
+    with torch.inference_mode(False):
+        return (torch.zeros(n, dtype=torch.float32, device=device),
+                torch.ones(n, dtype=torch.float32, device=device))
 
 
 def _dequantize(weight: NF4Weight, dtype: torch.dtype, g: torch.Tensor | None) -> torch.Tensor:

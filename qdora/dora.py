@@ -249,7 +249,7 @@ class DoRALinear(LoRALinear):
         squared norm ||W0||^2 + 2s B.(W0 A^T) + s^2 B (A A^T) B^T of rows divided by c. Dividing by c
         once before and once after the dot product (not twice before) keeps the terms finite until
         the sum, where s^2 B A A^T B^T >= 0 dominates any overflow: such a row comes out +inf (g = 0
-        in exact mode; _compute_norm recomputes it), not the NaN of inf - inf."""
+        in exact mode; _fix_overflowed_rows recomputes it), not the NaN of inf - inf."""
         if wa is None:
             return self._unscale(self.w0_sq)
         c = self.row_scale
@@ -274,25 +274,28 @@ class DoRALinear(LoRALinear):
             # depend on the cache, so a checkpoint's recomputation repeats the forward bit for bit.
             fold = not self.rank or _use_triton(x.device)
             norm = self._cached_norm()
-            if norm is None:
+            fresh = norm is None
+            if fresh:
                 if self.rank:
                     A_c = self.lora_A.to(dtype)
                     if not fold:
                         dense = self.weight.dequantize(dtype)  # one dequantization for the norm and the output
                 norm = self._compute_norm(dense, A_c, check=False)  # _gain checks it
-            g, rows = self._gain(norm)
+            g, rows = self._gain(norm, repair=fresh)
             return AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude, norm, g, rows,
                                           self._bias(dtype), self.weight, self.scale, dense, A_c, fold)
 
-    def _gain(self, norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _gain(self, norm: torch.Tensor, repair: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """g = m / ||V|| (float32, no graph) and the rows with |g| < G_RECOMPUTE (None when there are
         none). One reduction covers the common case: a non-finite norm (overflow) makes its g 0 or
-        NaN, so it fails the same check, and is repaired here in the cache before g is recomputed."""
+        NaN, so it fails the same check. With `repair` (a norm computed by this forward, not yet
+        saved by any backward) such rows are repaired in the cache before g is recomputed; a cached
+        norm was repaired when it was computed, so whatever is left there (a NaN factor) stays."""
         with torch.no_grad():
             g = torch.div(self.magnitude, norm)
             if torch.amin(g).item() >= G_RECOMPUTE:
                 return g, None
-            if self.rank and not torch.isfinite(norm).all():
+            if repair and self.rank and not torch.isfinite(norm).all():
                 self._fix_overflowed_rows(norm)
                 g = torch.div(self.magnitude, norm)
             rows = (g.abs() < G_RECOMPUTE).nonzero().squeeze(1)

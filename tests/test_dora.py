@@ -370,3 +370,40 @@ def test_column_dots_match_float64(dtype, shift):
     got = column_dots(a, b, s)
     assert got.dtype == torch.float32
     assert ((got.double() - prod.sum(0)).abs() <= 1e-6 * prod.abs().sum(0)).all()
+
+
+@pytest.mark.parametrize("cls,rank", [(DoRALinear, 4), (DoRALinear, 0), (LoRALinear, 4)])
+def test_no_tokens(cls, rank):
+    """A layer that gets no tokens (an empty batch, an idle expert): empty output, zero gradients."""
+    layer = make(cls, 8, 64, rank, torch.bfloat16)
+    x = torch.randn(0, 3, 64, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 3, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    for p in layer.parameters():
+        if p.requires_grad:
+            assert p.grad is not None and not p.grad.any()
+
+
+def test_lora_with_bf16_factors_in_fp32_compute():
+    """s * B is formed in float32 before it meets the float32 compute, not rounded to B's bf16."""
+    layer = make(LoRALinear, 64, 64, 4, torch.bfloat16)
+    layer.scale = 0.7  # not a power of two: s * B in bf16 would round
+    x = torch.randn(5, 64)
+    yr, _ = reference(layer, x.double())
+    assert rel(layer(x), yr) < 1e-6
+
+
+def test_a_nan_factor_stays_in_its_row():
+    """A NaN in one row of B cannot be repaired: that row's output is NaN, the others are exact, and
+    a cached norm is not rewritten by later forwards (two forwards, one backward)."""
+    layer = make(DoRALinear, 8, 64, 4, torch.float32)
+    with torch.no_grad():
+        layer.lora_B[3, 0] = float("nan")
+    x = torch.randn(3, 64)
+    y1, y2 = layer(x), layer(x)
+    (y1.sum() + y2.sum()).backward()
+    assert torch.isnan(y1[:, 3]).all() and torch.isfinite(y1[:, [0, 1, 2, 4, 5, 6, 7]]).all()
+    assert torch.equal(y1[:, :3], y2[:, :3])
+    assert torch.isfinite(layer.magnitude.grad[[0, 1, 2, 4, 5, 6, 7]]).all()
