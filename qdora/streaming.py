@@ -195,8 +195,9 @@ def mmap_large_allocations() -> None:
     """Ask glibc to serve allocations of 1 MiB and more by mmap, so each freed layer-sized
     temporary goes back to the OS at once. By default glibc raises its mmap threshold after such
     frees (up to 32 MiB) and keeps later blocks in a heap that only grows, so streaming hundreds
-    of layers would ratchet the resident size up. Process-wide."""
-    _glibc("mallopt", M_MMAP_MAX, GLIBC_MMAP_MAX)  # in case keep_freed_memory turned mmap off
+    of layers would ratchet the resident size up. Process-wide; ends keep_freed_memory's policy."""
+    release_freed_memory()
+    _glibc("mallopt", M_MMAP_MAX, GLIBC_MMAP_MAX)
     _glibc("mallopt", M_MMAP_THRESHOLD, 1 << 20)
 
 

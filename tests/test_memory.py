@@ -337,3 +337,26 @@ print(kept, late_faults, rss() - base)
     assert kept > 100, f"freed memory was not kept: {kept:.0f} MiB resident"
     assert late_faults < 0.25 * default_faults, (late_faults, default_faults)
     assert after < 50, f"release_freed_memory left {after:.0f} MiB resident"
+
+
+def test_mmap_large_allocations_ends_the_training_policy():
+    """Export's allocator setting after a training run in the same process: the kept-heap policy is
+    off (flag, trim threshold, mmap count), so a freed large tensor leaves the resident set at once."""
+    import subprocess
+    import sys
+
+    script = """
+import resource, torch
+from qdora.streaming import freed_memory_kept, keep_freed_memory, mmap_large_allocations
+def rss(): return int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize() / 2**20
+keep_freed_memory()
+mmap_large_allocations()
+base = rss()
+t = torch.ones(64 << 20)
+del t
+print(int(freed_memory_kept()), rss() - base)
+"""
+    out = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, check=True)
+    kept, resident = map(float, out.stdout.split())
+    assert kept == 0
+    assert resident < 16, f"a freed 256 MiB tensor left {resident:.0f} MiB resident"
