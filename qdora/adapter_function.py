@@ -23,16 +23,16 @@ class AdapterFunction(torch.autograd.Function):
     The caller gives g (float32, computed from m without a graph) and m itself, whose gradient this
     function returns.
 
-    Forward: base = x W0^T; QDoRA then scales it by g in one pass (float32 products rounded once,
-    so g = 1 leaves it bit for bit). With `fold` (the norm was computed without dequantizing W0:
-    Triton, or magnitude-only) g is instead folded into the NF4 block scales, so bitsandbytes
-    dequantizes diag(g) W0 directly and the pass disappears. The low-rank product is accumulated
-    into the output by addmm with diag(g) s B (float32, rounded once), so it is never a separate
-    (tokens x out) tensor. Backward always folds g into the block scales, so grad @ diag(g) W0 is
-    one matmul, and the two input-gradient branches are summed by addmm. `dense` is W0 when the
-    caller already dequantized it (for the norm) and `A_c` is A in the compute dtype. Saved: x
-    (and x_d), A x, A_c, and for QDoRA the output and g; W0 is dequantized again in backward,
-    never kept.
+    Forward: base = x W0^T; QDoRA then scales it by g in one pass (scale_columns: float32
+    products rounded once, so g = 1 leaves it as it was). With `fold` (the norm was computed
+    without dequantizing W0: Triton, or magnitude-only) g is instead folded into the NF4 block
+    scales, so bitsandbytes dequantizes diag(g) W0 directly and the pass disappears. The low-rank
+    product is accumulated into the output by addmm with diag(g) s B (float32, rounded once), so
+    it is never a separate (tokens x out) tensor. Backward always folds g into the block scales,
+    so grad @ diag(g) W0 is one matmul, and the two input-gradient branches are summed by addmm.
+    `dense` is W0 when the caller already dequantized it (for the norm) and `A_c` is A in the
+    compute dtype. Saved: x (and x_d), A x, A_c, and for QDoRA the output and g; W0 is
+    dequantized again in backward, never kept.
 
     dL/dm = sum_t grad * y / ||V|| needs y = x W0^T + s lora; it is recovered as (out - bias) / g
     rather than stored (the output is often saved by the next op anyway: attention's v, the MLP's
@@ -56,8 +56,7 @@ class AdapterFunction(torch.autograd.Function):
             row_factor = scale if g is None else (g * scale).unsqueeze(1)
             A_c = A.to(dtype) if A_c is None else A_c
             ax = F.linear(x_drop, A_c)
-            B_m = B if g is not None or B.dtype == torch.float32 else B.float()  # the product in float32
-            Bs = torch.mul(B_m, row_factor, out=torch.empty_like(B, dtype=dtype))  # rounded once
+            Bs = torch.mul(B.float(), row_factor, out=torch.empty_like(B, dtype=dtype))  # float32 product, rounded once
             out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), Bs.T)
             if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
                 A_c = None  # only the input gradient needs it
@@ -120,11 +119,11 @@ def column_dots(a: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = N
 
 
 def scale_columns(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """y * g per output column (g float32): one pass, float32 products rounded once
-    to y's dtype (a bf16 multiply would round g itself first), so g = 1 leaves every value as it was
-    (on the CPU a -0.0 becomes +0.0). On the CPU batch norm in inference form (zero mean, unit
-    variance) computes exactly y * g + 0, and faster than a mixed-dtype multiply, which PyTorch runs
-    there without vectorizing; elsewhere that multiply is the one pass."""
+    """y * g per output column (g float32): one pass, float32 products rounded once to y's dtype (a
+    bf16 multiply would round g itself first), so g = 1 leaves every value as it was (on the CPU a
+    -0.0 becomes +0.0). On the CPU batch norm in inference form (zero mean, unit variance) computes
+    exactly y * g + 0, faster than a mixed-dtype multiply, which PyTorch runs there without
+    vectorizing; elsewhere that multiply is the one pass."""
     if y.device.type != "cpu":
         return torch.mul(y, g, out=torch.empty_like(y))
     zeros, ones = _unit_stats(g.shape[0], g.device)
