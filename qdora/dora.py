@@ -200,13 +200,15 @@ class DoRALinear(LoRALinear):
     def _norm_detached(self) -> torch.Tensor:
         """||V||_row in fp32, no graph; recomputed only after an optimizer step or an in-place edit."""
         norm = self._cached_norm()
-        return self._compute_norm() if norm is None else norm
+        if norm is None:
+            norm = self._compute_norm()
+            self._fix_overflowed_rows(norm)
+        return norm
 
-    def _compute_norm(self, dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None,
-                      check: bool = True) -> torch.Tensor:
-        """||V||_row in fp32, no graph, computed now and cached. `dense`, when given, is W0 already
-        dequantized for this forward, reused for W0 @ A^T, and `A_c` is A already cast to its dtype.
-        Rows whose factored norm overflowed are repaired unless `check` is off (forward: _gain)."""
+    def _compute_norm(self, dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None) -> torch.Tensor:
+        """||V||_row in fp32, no graph, computed now and cached, overflowed rows not yet repaired
+        (_fix_overflowed_rows). `dense`, when given, is W0 already dequantized for this forward,
+        reused for W0 @ A^T, and `A_c` is A already cast to its dtype."""
         A, B = self.lora_A, self.lora_B
         with torch.no_grad():
             if not self.rank:
@@ -216,18 +218,21 @@ class DoRALinear(LoRALinear):
                 norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
             else:
                 norm = self._norm_torch(A.float(), B.float(), dense, A_c)
-            if check and self.rank and not torch.amax(norm).item() < math.inf:  # inf (or NaN)
-                self._fix_overflowed_rows(norm)
         self._norm_cache = (self._cache_key(), norm)
         return norm
 
-    def _fix_overflowed_rows(self, norm: torch.Tensor) -> None:
-        """Rows whose factored norm overflowed, in place: row_scale follows W0 alone, so a row where
-        s B A dwarfs a tiny W0 (say 1e-30) squares past float32. Those rows of V in float64."""
+    @torch.no_grad()
+    def _fix_overflowed_rows(self, norm: torch.Tensor) -> bool:
+        """Rows whose factored norm overflowed (inf or NaN), in place: row_scale follows W0 alone, so
+        a row where s B A dwarfs a tiny W0 (say 1e-30) squares past float32. Those rows of V in
+        float64. Whether there were any (a magnitude-only norm is ||W0||, always finite)."""
+        if not self.rank or torch.isfinite(norm).all():
+            return False
         rows = (~torch.isfinite(norm)).nonzero().squeeze(1)
         v = self.weight.dequantize(torch.float32, rows=rows).double()
         v += self.scale * self.lora_B[rows].double() @ self.lora_A.double()
         norm[rows] = v.norm(dim=1).float()
+        return True
 
     def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, dense: torch.Tensor | None = None,
                     A_c: torch.Tensor | None = None) -> torch.Tensor:
@@ -280,7 +285,7 @@ class DoRALinear(LoRALinear):
                     A_c = self.lora_A.to(dtype)
                     if not fold:
                         dense = self.weight.dequantize(dtype)  # one dequantization for the norm and the output
-                norm = self._compute_norm(dense, A_c, check=False)  # _gain checks it
+                norm = self._compute_norm(dense, A_c)  # _gain repairs it
             g, rows = self._gain(norm, repair=fresh)
             return AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude, norm, g, rows,
                                           self._bias(dtype), self.weight, self.scale, dense, A_c, fold)
@@ -295,8 +300,7 @@ class DoRALinear(LoRALinear):
             g = torch.div(self.magnitude, norm)
             if torch.amin(g).item() >= G_RECOMPUTE:
                 return g, None
-            if repair and self.rank and not torch.isfinite(norm).all():
-                self._fix_overflowed_rows(norm)
+            if repair and self._fix_overflowed_rows(norm):
                 g = torch.div(self.magnitude, norm)
             rows = (g.abs() < G_RECOMPUTE).nonzero().squeeze(1)
         return g, rows if rows.numel() else None
