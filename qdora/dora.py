@@ -197,6 +197,7 @@ class DoRALinear(LoRALinear):
         norm = self._norm_cache[1]
         return None if norm.is_inference() and not torch.is_inference_mode_enabled() else norm
 
+    @torch.no_grad()
     def _norm_detached(self) -> torch.Tensor:
         """||V||_row in fp32, no graph; recomputed only after an optimizer step or an in-place edit."""
         norm = self._cached_norm()
@@ -206,18 +207,18 @@ class DoRALinear(LoRALinear):
         return norm
 
     def _compute_norm(self, dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None) -> torch.Tensor:
-        """||V||_row in fp32, no graph, computed now and cached, overflowed rows not yet repaired
-        (_fix_overflowed_rows). `dense`, when given, is W0 already dequantized for this forward,
-        reused for W0 @ A^T, and `A_c` is A already cast to its dtype."""
+        """||V||_row in fp32, computed now and cached, overflowed rows not yet repaired
+        (_fix_overflowed_rows). Called under torch.no_grad() (by forward and _norm_detached), so that
+        the forward pays for one such block, not one per helper. `dense`, when given, is W0 already
+        dequantized for this forward, reused for W0 @ A^T, and `A_c` is A already cast to its dtype."""
         A, B = self.lora_A, self.lora_B
-        with torch.no_grad():
-            if not self.rank:
-                norm = self._norm_from_wa(None, None, None)
-            elif _use_triton(A.device):
-                from qdora.kernels.dora_norm import dora_row_norm
-                norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
-            else:
-                norm = self._norm_torch(A.float(), B.float(), dense, A_c)
+        if not self.rank:
+            norm = self._norm_from_wa(None, None, None)
+        elif _use_triton(A.device):
+            from qdora.kernels.dora_norm import dora_row_norm
+            norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
+        else:
+            norm = self._norm_torch(A.float(), B.float(), dense, A_c)
         self._norm_cache = (self._cache_key(), norm)
         return norm
 
@@ -278,15 +279,16 @@ class DoRALinear(LoRALinear):
             # W0 dequantized, so g is folded into the output's dequantization. The choice does not
             # depend on the cache, so a checkpoint's recomputation repeats the forward bit for bit.
             fold = not self.rank or _use_triton(x.device)
-            norm = self._cached_norm()
-            fresh = norm is None
-            if fresh:
-                if self.rank:
-                    A_c = self.lora_A.to(dtype)
-                    if not fold:
-                        dense = self.weight.dequantize(dtype)  # one dequantization for the norm and the output
-                norm = self._compute_norm(dense, A_c)  # _gain repairs it
-            g, rows = self._gain(norm, repair=fresh)
+            with torch.no_grad():  # one block for all of the norm's work (A_c too needs no graph)
+                norm = self._cached_norm()
+                fresh = norm is None
+                if fresh:
+                    if self.rank:
+                        A_c = self.lora_A.to(dtype)
+                        if not fold:
+                            dense = self.weight.dequantize(dtype)  # one dequantization for the norm and the output
+                    norm = self._compute_norm(dense, A_c)  # _gain repairs it
+                g, rows = self._gain(norm, repair=fresh)
             return AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude, norm, g, rows,
                                           self._bias(dtype), self.weight, self.scale, dense, A_c, fold)
 
@@ -295,14 +297,14 @@ class DoRALinear(LoRALinear):
         none). One reduction covers the common case: a non-finite norm (overflow) makes its g 0 or
         NaN, so it fails the same check. With `repair` (a norm computed by this forward, not yet
         saved by any backward) such rows are repaired in the cache before g is recomputed; a cached
-        norm was repaired when it was computed, so whatever is left there (a NaN factor) stays."""
-        with torch.no_grad():
+        norm was repaired when it was computed, so whatever is left there (a NaN factor) stays.
+        Called under torch.no_grad() (by forward)."""
+        g = torch.div(self.magnitude, norm)
+        if torch.amin(g).item() >= G_RECOMPUTE:
+            return g, None
+        if repair and self._fix_overflowed_rows(norm):
             g = torch.div(self.magnitude, norm)
-            if torch.amin(g).item() >= G_RECOMPUTE:
-                return g, None
-            if repair and self._fix_overflowed_rows(norm):
-                g = torch.div(self.magnitude, norm)
-            rows = (g.abs() < G_RECOMPUTE).nonzero().squeeze(1)
+        rows = (g.abs() < G_RECOMPUTE).nonzero().squeeze(1)
         return g, rows if rows.numel() else None
 
     def _forward_exact(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
