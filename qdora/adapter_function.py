@@ -25,10 +25,11 @@ class AdapterFunction(torch.autograd.Function):
     The caller gives g (float32, computed from m without a graph) and m itself, whose gradient this
     function returns.
 
-    Forward: base = x W0^T; QDoRA then scales it by g in one pass (scale_columns: float32
-    products rounded once, so g = 1 leaves it as it was). With `fold` (the norm was computed
-    without dequantizing W0: Triton, or magnitude-only) g is instead folded into the NF4 block
-    scales, so bitsandbytes dequantizes diag(g) W0 directly and the pass disappears. The low-rank
+    Forward: base = x W0^T; QDoRA then scales it by g and adds the bias in one pass
+    (scale_columns: float32 arithmetic rounded once, so g = 1 leaves it as it was). With `fold`
+    (the norm was computed without dequantizing W0: Triton, or magnitude-only) g is instead folded
+    into the NF4 block scales, so bitsandbytes dequantizes diag(g) W0 directly and the pass
+    disappears (the bias is then added on its own, as in QLoRA). The low-rank
     product is accumulated into the output by addmm with diag(g) s B (float32, rounded once), so
     it is never a separate (tokens x out) tensor. Backward always folds g into the block scales,
     so grad @ diag(g) W0 is one matmul, and the two input-gradient branches are summed by addmm.
@@ -47,12 +48,14 @@ class AdapterFunction(torch.autograd.Function):
     def forward(ctx, x, x_drop, A, B, m, norm, g, rows, bias, weight: NF4Weight, scale: float,  # type: ignore[override]
                 dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None, fold: bool = False):
         dtype = x.dtype
+        add_bias = bias is not None
         if fold and g is not None:
             out = x @ _dequantize(weight, dtype, g).T
         else:
             out = x @ (weight.dequantize(dtype) if dense is None else dense).T
             if g is not None:
-                out = scale_columns(out, g)
+                out = scale_columns(out, g, bias)  # the bias in the same pass
+                add_bias = False
         ax = Bs = row_factor = None
         if A is not None:
             row_factor = scale if g is None else (g * scale).unsqueeze(1)
@@ -62,7 +65,7 @@ class AdapterFunction(torch.autograd.Function):
             out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), Bs.T)
             if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
                 A_c = None  # only the input gradient needs it
-        if bias is not None:
+        if add_bias:
             out.add_(bias)
         ctx.weight, ctx.scale, ctx.drop_is_x, ctx.Bs, ctx.row_factor = weight, scale, x_drop is x, Bs, row_factor
         ctx.rows = rows
@@ -118,18 +121,20 @@ def column_dots(a: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = N
     return (a * (b if shift is None else b - shift)).sum(0, dtype=torch.float32)
 
 
-def scale_columns(y: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """y * g per output column (g float32): one pass, float32 products rounded once to y's dtype (a
-    bf16 multiply would round g itself first), so g = 1 leaves every value as it was (on the CPU a
-    -0.0 becomes +0.0). On the CPU batch norm in inference form (zero mean, unit variance) computes
-    exactly y * g + 0, faster than a mixed-dtype multiply, which PyTorch runs there without
-    vectorizing; elsewhere that multiply is the one pass."""
+def scale_columns(y: torch.Tensor, g: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """y * g (+ shift) per output column (g float32): one pass, float32 arithmetic rounded once to
+    y's dtype (a bf16 multiply would round g itself first), so g = 1 and no shift leave every value
+    as it was (on the CPU a -0.0 becomes +0.0). On the CPU batch norm in inference form (zero mean,
+    unit variance, weight g, bias shift) computes exactly that, faster than a mixed-dtype multiply,
+    which PyTorch runs there without vectorizing; elsewhere that multiply, then the shift added."""
     if y.device.type != "cpu":
-        return torch.mul(y, g, out=torch.empty_like(y))
+        out = torch.mul(y, g, out=torch.empty_like(y))
+        return out if shift is None else out.add_(shift)
     zeros, ones = _unit_stats(g.shape[0], g.device)
+    shift = None if shift is None else shift.float()
     # torch.batch_norm, not F.batch_norm: the latter's Python checks cost 20-40 us (measured)
     # here, right after a large matmul has evicted the interpreter's code and data from cache.
-    return torch.batch_norm(y.reshape(-1, y.shape[-1]), g, None, zeros, ones, False, 0.0, 0.0, False).view(y.shape)
+    return torch.batch_norm(y.reshape(-1, y.shape[-1]), g, shift, zeros, ones, False, 0.0, 0.0, False).view(y.shape)
 
 
 @functools.cache

@@ -359,6 +359,20 @@ def test_scale_columns_is_one_rounding_of_the_float32_product(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_scale_columns_adds_the_shift_in_the_same_rounding(dtype):
+    """y * g + shift rounded once from (at least) float32: within half an ulp of dtype (plus float32's
+    own rounding) of the float64 result, where rounding y * g and adding the shift after would not be."""
+    y = torch.randn(64, 37, dtype=dtype)
+    g = torch.rand(37) * 3
+    shift = (torch.randn(37) * 4).to(dtype)
+    out = scale_columns(y, g, shift)
+    assert out.dtype == dtype and out.shape == y.shape
+    exact = y.double() * g.double() + shift.double()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.double(), exact, rtol=eps / 2 + 2 ** -22, atol=torch.finfo(dtype).tiny)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shift", [False, True])
 def test_column_dots_match_float64(dtype, shift):
     """Float32 products and sums (on the CPU): within a few float32 roundings of the float64 sums,
