@@ -29,7 +29,7 @@ class AdapterFunction(torch.autograd.Function):
     (scale_columns: float32 arithmetic rounded once, so g = 1 leaves it as it was). With `fold`
     (the norm was computed without dequantizing W0: Triton, or magnitude-only) g is instead folded
     into the NF4 block scales, so bitsandbytes dequantizes diag(g) W0 directly and the pass
-    disappears (the bias is then added on its own, as in QLoRA). The low-rank
+    disappears (the matmul then adds the bias, as in QLoRA). The low-rank
     product is accumulated into the output by addmm with diag(g) s B (float32, rounded once), so
     it is never a separate (tokens x out) tensor. Backward always folds g into the block scales,
     so grad @ diag(g) W0 is one matmul, and the two input-gradient branches are summed by addmm.
@@ -48,14 +48,13 @@ class AdapterFunction(torch.autograd.Function):
     def forward(ctx, x, x_drop, A, B, m, norm, g, rows, bias, weight: NF4Weight, scale: float,  # type: ignore[override]
                 dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None, fold: bool = False):
         dtype = x.dtype
-        add_bias = bias is not None
+        # The bias is added where the output is first written, rounded once with it: by the matmul
+        # (QLoRA, folded g) or by QDoRA's pass that applies g.
         if fold and g is not None:
-            out = x @ _dequantize(weight, dtype, g).T
+            out = F.linear(x, _dequantize(weight, dtype, g), bias)
         else:
-            out = x @ (weight.dequantize(dtype) if dense is None else dense).T
-            if g is not None:
-                out = scale_columns(out, g, bias)  # the bias in the same pass
-                add_bias = False
+            w0 = weight.dequantize(dtype) if dense is None else dense
+            out = F.linear(x, w0, bias) if g is None else scale_columns(F.linear(x, w0), g, bias)
         ax = Bs = row_factor = None
         if A is not None:
             row_factor = scale if g is None else (g * scale).unsqueeze(1)
@@ -65,8 +64,6 @@ class AdapterFunction(torch.autograd.Function):
             out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), Bs.T)
             if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
                 A_c = None  # only the input gradient needs it
-        if add_bias:
-            out.add_(bias)
         ctx.weight, ctx.scale, ctx.drop_is_x, ctx.Bs, ctx.row_factor = weight, scale, x_drop is x, Bs, row_factor
         ctx.rows = rows
         ctx.save_for_backward(x, x_drop, A, A_c, B, m, norm, bias, ax, None if m is None else out, g)
