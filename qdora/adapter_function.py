@@ -123,10 +123,11 @@ def scale_columns(y: torch.Tensor, g: torch.Tensor, shift: torch.Tensor | None =
     y's dtype (a bf16 multiply would round g itself first), so g = 1 and no shift leave every value
     as it was (on the CPU a -0.0 becomes +0.0). On the CPU batch norm in inference form (zero mean,
     unit variance, weight g, bias shift) computes exactly that, faster than a mixed-dtype multiply,
-    which PyTorch runs there without vectorizing; elsewhere that multiply, then the shift added."""
+    which PyTorch runs there without vectorizing; elsewhere that multiply (addcmul with a shift)."""
     if y.device.type != "cpu":
-        out = torch.mul(y, g, out=torch.empty_like(y))
-        return out if shift is None else out.add_(shift)
+        if shift is None:
+            return torch.mul(y, g, out=torch.empty_like(y))
+        return torch.addcmul(shift, y, g, out=torch.empty_like(y))
     zeros, ones = _unit_stats(g.shape[0], g.device)
     shift = None if shift is None else shift.float()
     # torch.batch_norm, not F.batch_norm: the latter's Python checks cost 20-40 us (measured)
