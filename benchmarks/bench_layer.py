@@ -4,11 +4,11 @@ The same small Llama (random weights), the same NF4 bytes, rank 16 on every line
 batch 2 x 256 tokens. PEFT runs on bitsandbytes `Linear4bit` layers holding our NF4 bytes; its QLoRA
 is a reference row (how fast the same library's plain LoRA is). Every step is what qdora.train runs on
 the CPU: fused AdamW, and glibc keeping freed memory (qdora.streaming.keep_freed_memory). Time: the
-four models step in turn inside one process, median of --repeats, so machine noise hits all of them
-alike. Memory: each configuration also runs alone in a fresh subprocess, which reports its peak
-resident set size during two training steps (the kernel's high-water mark is reset after the model
-is built) and that peak minus the resident size just before the first step (what training itself
-adds); twice, with the trainer's allocator policy and with a fixed 64 KiB mmap threshold
+four models step in turn inside one process (the order rotating every round), median of --repeats, so
+machine noise hits all of them alike. Memory: each configuration also runs alone in a fresh
+subprocess, which reports its peak resident set size during two training steps (the kernel's
+high-water mark is reset after the model is built) and that peak minus the resident size just before
+the first step (what training itself adds); twice, with the trainer's allocator policy and with a fixed 64 KiB mmap threshold
 (LIVE_MALLOC: RSS then follows live tensors rather than what the heap keeps).
 Besides wall time, process CPU time per step is reported: on a shared machine it is far less noisy
 (with --threads 1 it is the work done, whatever else runs).
@@ -44,6 +44,14 @@ CONFIGS = ("qdora", "qlora", "peft-qdora", "peft-qlora")
 # peak RSS also counts how the allocator fragmented. With a fixed 64 KiB threshold every tensor of
 # consequence is its own mapping, returned on free: peak RSS then follows the live tensors.
 LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def rotated(names, i: int) -> list:
+    """The configs in the order of round i, rotated by one each round: each takes each place in the
+    round equally often, and none always runs right after the warm-up or after the same neighbour
+    across rounds."""
+    names = list(names)
+    return names[i % len(names):] + names[:i % len(names)]
 
 
 def build(name: str, args) -> torch.nn.Module:
@@ -200,7 +208,7 @@ def dora_floor(args) -> None:
     times = {name: [] for name in steps}
     names = list(steps)
     for i in range(args.repeats + 1):
-        for name in names[i % 3:] + names[:i % 3]:  # each config follows each other one equally often
+        for name in rotated(names, i):
             on["floor"] = name == "qlora + DoRA's passes"
             t = time.perf_counter()
             steps[name]()
@@ -249,8 +257,9 @@ def main() -> None:
         step()
     times = {name: [] for name in CONFIGS}
     cpu = {name: [] for name in CONFIGS}
-    for _ in range(args.repeats):
-        for name, step in steps.items():
+    for i in range(args.repeats):
+        for name in rotated(CONFIGS, i):
+            step = steps[name]
             if args.device == "cuda":
                 torch.cuda.synchronize()
             c, t = time.process_time(), time.perf_counter()

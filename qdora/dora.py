@@ -167,6 +167,7 @@ class DoRALinear(LoRALinear):
         self.register_buffer("w0_sq", self._w0_sq_norms(), persistent=False)
         self.magnitude = nn.Parameter(self._norm_from_wa(None, None, None).to(dtype))
         self._norm_cache: tuple[tuple, torch.Tensor] | None = None
+        self._rows_cache: tuple[tuple, torch.Tensor | None] | None = None  # _gain's check, see there
 
     def _apply(self, fn, recurse: bool = True):
         # model.to(dtype) casts the adapters as asked but keeps the norm constants in float32.
@@ -298,14 +299,24 @@ class DoRALinear(LoRALinear):
         NaN, so it fails the same check. With `repair` (a norm computed by this forward, not yet
         saved by any backward) such rows are repaired in the cache before g is recomputed; a cached
         norm was repaired when it was computed, so whatever is left there (a NaN factor) stays.
-        Called under torch.no_grad() (by forward)."""
+        The check reads g on the host (on a GPU, a synchronization), so its result is kept until m or
+        the norm change: gradient-accumulation micro-steps and activation-checkpoint recomputation
+        reuse it, and only the first forward after an optimizer step waits for the device. Like the
+        norm cache it follows optimizer steps and m's version counter (edits through `.data` need
+        invalidate_norm_caches). Called under torch.no_grad() (by forward)."""
         g = torch.div(self.magnitude, norm)
-        if torch.amin(g).item() >= G_RECOMPUTE:
-            return g, None
-        if repair and self._fix_overflowed_rows(norm):
-            g = torch.div(self.magnitude, norm)
-        rows = (g.abs() < G_RECOMPUTE).nonzero().squeeze(1)
-        return g, rows if rows.numel() else None
+        m = self.magnitude
+        key = (self._norm_cache[0] if self._norm_cache else None, _optimizer_steps, m._version, m.data_ptr())
+        if not repair and self._rows_cache is not None and self._rows_cache[0] == key:
+            return g, self._rows_cache[1]
+        rows = None
+        if not torch.amin(g).item() >= G_RECOMPUTE:  # NaN fails it too
+            if repair and self._fix_overflowed_rows(norm):
+                g = torch.div(self.magnitude, norm)
+            rows = (g.abs() < G_RECOMPUTE).nonzero().squeeze(1)
+            rows = rows if rows.numel() else None
+        self._rows_cache = (key, rows)
+        return g, rows
 
     def _forward_exact(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         A, B = self.lora_A.float(), self.lora_B.float()

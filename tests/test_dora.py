@@ -155,6 +155,28 @@ def test_norm_cache_recomputed_after_optimizer_step_only():
                                (layer.magnitude.float() / layer._norm_detached()), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("rank", [4, 0])
+def test_small_g_check_runs_once_per_optimizer_step(rank, monkeypatch):
+    """The check on g reads it on the host (a GPU synchronization): micro-steps and checkpoint
+    recomputation reuse its result; an optimizer step or an in-place edit of m runs it again."""
+    layer = make(DoRALinear, 16, 64, rank, torch.float32)
+    reads = []
+    amin = torch.amin
+    monkeypatch.setattr(torch, "amin", lambda *a, **k: reads.append(1) or amin(*a, **k))
+    x = torch.randn(2, 3, 64)
+    for _ in range(2):  # two micro-steps, each forward recomputed by a checkpoint
+        checkpoint(layer, x, use_reentrant=False).square().mean().backward()
+    assert len(reads) == 1
+    torch.optim.AdamW(layer.parameters(), lr=1e-2, fused=True).step()  # no version counter bumped
+    layer(x).sum().backward()
+    assert len(reads) == 2
+    with torch.no_grad():
+        layer.magnitude[:3] *= 1e-3  # in place: the check must find these rows now
+    layer.zero_grad(set_to_none=True)
+    check(layer, torch.randn(8, 64))
+    assert len(reads) == 3
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2, 8])  # 1, 2 and 8 gave NaN with the norm divided by c twice before the dot
 @pytest.mark.parametrize("double_quant", [True, False])
 def test_no_nan_for_extreme_finite_weights(double_quant, seed):
@@ -197,6 +219,21 @@ def test_tiny_row_dominated_by_the_adapter_keeps_its_norm():
     torch.testing.assert_close(layer._norm_detached().double(), V.norm(dim=1), rtol=1e-5, atol=0)  # cached
     invalidate_norm_caches()
     torch.testing.assert_close(layer._norm_detached().double(), V.norm(dim=1), rtol=1e-5, atol=0)  # computed
+
+
+def test_overflowed_row_is_repaired_beside_a_nan_magnitude():
+    """A NaN in one row's g (here its m) must not hide another row's overflowed norm from the check
+    (amin propagates the NaN, and NaN compares false)."""
+    w = torch.randn(4, 64)
+    w[1] = 1e-30
+    layer = DoRALinear(NF4Weight.quantize(w, double_quant=False), None, 4, 8.0, dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.magnitude[3] = float("nan")
+    x = torch.randn(3, 64)
+    y, (yr, _) = layer(x).double(), reference(layer, x.double())
+    assert torch.isnan(y[:, 3]).all()
+    assert (((y - yr)[:, :3].norm(dim=0) / yr[:, :3].norm(dim=0)) < 1e-4).all()
 
 
 def test_small_magnitude_rows_use_recomputed_gradient():
