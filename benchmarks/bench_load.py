@@ -17,6 +17,7 @@ Target (issue 5): streaming peak RSS < 0.35 x checkpoint size + 1 GiB.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import resource
@@ -33,9 +34,10 @@ def rss_now() -> int:
 
 
 def child(path: str, mode: str) -> None:
-    import accelerate  # noqa: F401  (imports counted before the baseline, not as loading)
     import torch
-    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    for module in ("accelerate", "transformers.models.llama.modeling_llama"):
+        importlib.import_module(module)  # their import cost is counted before the baseline, not as loading
 
     from qdora.model import AdapterConfig, load_model, prepare_model
     from qdora.streaming import load_prepared
