@@ -1,8 +1,8 @@
 """Predicted per-rank peak memory of a QDoRA, QLoRA or full fine-tuning step, without weights.
 
 The model is built from its config on the meta device and prepared by the real `prepare_model`
-(with NF4 quantization replaced by allocation of empty NF4Weight tensors of the same shapes, so
-NF4's padding and scale sizes come from NF4Weight itself). Every parameter and buffer of that model
+(NF4Weight.quantize of a meta weight allocates its tensors' shapes only, so NF4's padding and scale
+sizes come from NF4Weight itself). Every parameter and buffer of that model
 is counted by kind; FSDP2 sharding divides the parameters (dim 0, padded to a multiple of the world
 size) and leaves buffers replicated, as `qdora.distributed.shard_model` does.
 
@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,38 +115,13 @@ def load_config(name_or_path: str):
     return AutoConfig.for_model(model_type, **values)
 
 
-@contextmanager
-def _shapes_only():
-    """NF4Weight.quantize allocating empty tensors on the weight's (meta) device instead of running
-    bitsandbytes on data (same shapes, same padding rule), and DoRA's per-row constants (row scale,
-    ||W0||^2) as empty vectors: on meta tensors they are shapes only, and computing them costs seconds."""
-    def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
-        return cls(weight.shape[0], weight.shape[1], blocksize, double_quant, device=weight.device)
-
-    def row_vector(self, *args, **kwargs) -> torch.Tensor:
-        nf4 = self if isinstance(self, NF4Weight) else self.weight
-        return torch.empty(nf4.out_features, device=nf4.packed.device)
-
-    patches = [(NF4Weight, "quantize", classmethod(quantize)), (NF4Weight, "row_scale", row_vector),
-               (DoRALinear, "_w0_sq_norms", row_vector)]
-    saved = [(cls, name, cls.__dict__[name]) for cls, name, _ in patches]
-    for cls, name, fn in patches:
-        setattr(cls, name, fn)
-    try:
-        yield
-    finally:
-        for cls, name, fn in saved:
-            setattr(cls, name, fn)
-
-
 def meta_model(hf_config, adapter: AdapterConfig) -> torch.nn.Module:
     """The prepared model (qdora.model.prepare_model) with every tensor on the meta device."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config)
-    with _shapes_only():
-        model, _ = prepare_model(model, adapter)
+    model, _ = prepare_model(model, adapter)  # on meta, NF4Weight.quantize allocates shapes only
     return model
 
 

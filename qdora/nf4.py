@@ -84,15 +84,18 @@ class NF4Weight(nn.Module):
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> "NF4Weight":
-        """Quantize a dense (out x in) weight with bitsandbytes, padding each row to whole blocks."""
+        """Quantize a dense (out x in) weight with bitsandbytes, padding each row to whole blocks. A
+        weight on the meta device gives an NF4Weight of the same shapes, also on meta."""
         if weight.dim() != 2:
             raise ValueError(f"NF4 quantization needs a 2-D weight, got shape {tuple(weight.shape)}")
         if weight.dtype not in FLOAT_DTYPES:
             raise ValueError(f"NF4 quantization needs a float weight, got {weight.dtype}")
-        if not torch.isfinite(weight).all():
-            raise ValueError("NF4 quantization got a weight with NaN or Inf values; check the checkpoint")
         out_f, in_f = weight.shape
         self = cls(out_f, in_f, blocksize, double_quant, device=weight.device)
+        if weight.is_meta:  # shapes only (qdora.memory builds models on the meta device)
+            return self
+        if not torch.isfinite(weight).all():
+            raise ValueError("NF4 quantization got a weight with NaN or Inf values; check the checkpoint")
         w = weight.detach()
         if self.in_pad != in_f:
             w = torch.nn.functional.pad(w, (0, self.in_pad - in_f))
@@ -137,6 +140,8 @@ class NF4Weight(nn.Module):
     def row_scale(self) -> torch.Tensor:
         """A positive float32 scale per row (its largest block scale; 1 for an all-zero row), so
         that squared norms of W0 / row_scale cannot overflow or underflow float32."""
+        if self.packed.is_meta:  # shapes only: bitsandbytes' kernels would run (slowly) for nothing
+            return torch.empty(self.out_features, device="meta")
         c = self.scales().abs().amax(1)
         return torch.where((c > 0) & torch.isfinite(c), c, torch.ones_like(c))
 
@@ -152,6 +157,8 @@ class NF4Weight(nn.Module):
 
     def row_sq_norms(self, row_scale: torch.Tensor | None = None, chunk_elems: int = 1 << 24) -> torch.Tensor:
         """||W0 / row_scale||^2 per row in float32 (row_scale defaults to 1)."""
+        if self.packed.is_meta:
+            return torch.empty(self.out_features, device="meta")
         out = []
         for i, w in self.row_chunks(chunk_elems=chunk_elems):
             if row_scale is not None:

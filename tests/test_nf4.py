@@ -98,3 +98,16 @@ def test_dequantize_rows_by_slice_or_index_equals_full_rows():
     idx = torch.tensor([7, 0, 4])
     assert torch.equal(w.dequantize(torch.float32, rows=idx), full[idx])
     assert torch.equal(w.dequantize(torch.bfloat16, rows=slice(2, 5)), w.dequantize(torch.bfloat16)[2:5])
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", [(8, 172), (300, 64)])
+def test_meta_weight_quantizes_to_the_same_shapes(shape, double_quant):
+    """A meta weight (qdora.memory's models) gives an NF4Weight whose tensors have the shapes and
+    dtypes quantizing real data gives, without running bitsandbytes."""
+    real = NF4Weight.quantize(torch.randn(shape), double_quant=double_quant)
+    meta = NF4Weight.quantize(torch.empty(shape, device="meta"), double_quant=double_quant)
+    got = {k: (tuple(t.shape), t.dtype, t.device.type) for k, t in meta.state_dict().items()}
+    assert got == {k: (tuple(t.shape), t.dtype, "meta") for k, t in real.state_dict().items()}
+    for vector in (meta.row_scale(), meta.row_sq_norms()):
+        assert vector.is_meta and vector.shape == (shape[0],) and vector.dtype == torch.float32
