@@ -47,9 +47,9 @@ LIVE_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def rotated(names, i: int) -> list:
-    """The configs in the order of round i, rotated by one each round: each takes each place in the
-    round equally often, and none always runs right after the warm-up or after the same neighbour
-    across rounds."""
+    """The configs in the order of round i, rotated by one each round, so that no config always
+    runs first in its round (over a multiple of len(names) rounds, each runs in each place equally
+    often)."""
     names = list(names)
     return names[i % len(names):] + names[:i % len(names)]
 

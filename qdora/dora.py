@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -31,9 +32,10 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 
 
 def invalidate_norm_caches() -> None:
-    """Make every DoRALinear recompute its norm at the next forward: for writes to A and B that
-    neither step an optimizer nor bump version counters (FSDP2's all-gather copy-out preserves
-    them, so a checkpoint loaded into sharded parameters is such a write)."""
+    """Make every DoRALinear recompute its norm and its check on g at the next forward: for writes
+    to A, B or m that neither step an optimizer nor bump version counters (writes through `.data`;
+    FSDP2's all-gather copy-out preserves version counters, so a checkpoint loaded into sharded
+    parameters is such a write)."""
     _count_optimizer_step(None, None, None)
 
 
@@ -60,6 +62,12 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def _alive(refs: tuple, tensors: tuple) -> bool:
+    """Whether weak references still point at these very tensors: a cache key's addresses and
+    version counters alone could match a newer tensor allocated where a freed one was."""
+    return len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors))
 
 
 class LoRALinear(nn.Module):
@@ -146,9 +154,10 @@ class DoRALinear(LoRALinear):
 
     norm_mode="detached" (default, paper section 4.3) treats ||V|| as a constant in backward: the
     gradient reaches A and B only through the numerator. The norm then changes only when A or B
-    change, so it is computed once per optimizer step (keyed on optimizer steps and on the factors'
-    version counters, which catch in-place edits such as load_state_dict)
-    and reused by every gradient-accumulation micro-step and activation-checkpoint recomputation.
+    change, so it is computed once per optimizer step (keyed on optimizer steps, on the factors
+    themselves and on their version counters, which catch in-place edits such as load_state_dict;
+    writes through `.data` need invalidate_norm_caches) and reused by every gradient-accumulation
+    micro-step and activation-checkpoint recomputation; so is the check on g = m / ||V||.
     norm_mode="exact" differentiates through the norm as well (paper eq. 6).
     rank=0 gives a magnitude-only module (V = W0, only m trains; the paper's Table 6 mixes these);
     its norm is a constant, computed once.
@@ -166,8 +175,10 @@ class DoRALinear(LoRALinear):
         self.register_buffer("row_scale", weight.row_scale(), persistent=False)
         self.register_buffer("w0_sq", self._w0_sq_norms(), persistent=False)
         self.magnitude = nn.Parameter(self._norm_from_wa(None, None, None).to(dtype))
-        self._norm_cache: tuple[tuple, torch.Tensor] | None = None
-        self._rows_cache: tuple[tuple, torch.Tensor | None] | None = None  # _gain's check, see there
+        # (key, norm, weak references to A and B) and (key, rows, weak reference to m): see
+        # _cached_norm and _gain. The references tell a tensor from a later one at the same address.
+        self._norm_cache: tuple[tuple, torch.Tensor, tuple] | None = None
+        self._rows_cache: tuple[tuple, torch.Tensor | None, weakref.ref] | None = None
 
     def _apply(self, fn, recurse: bool = True):
         # model.to(dtype) casts the adapters as asked but keeps the norm constants in float32.
@@ -176,6 +187,7 @@ class DoRALinear(LoRALinear):
         def fp32_constants(t: torch.Tensor) -> torch.Tensor:
             out = fn(t)
             return t.to(out.device) if id(t) in keep and out.dtype != t.dtype else out
+        self._norm_cache = self._rows_cache = None  # new tensors may reuse the old ones' addresses
         return super()._apply(fp32_constants, recurse)
 
     def _w0_sq_norms(self) -> torch.Tensor:
@@ -190,12 +202,16 @@ class DoRALinear(LoRALinear):
         A, B = self.lora_A, self.lora_B
         return (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), self.w0_sq.data_ptr())
 
+    def _factors(self) -> tuple[torch.Tensor, ...]:
+        return (self.lora_A, self.lora_B) if self.rank else ()
+
     def _cached_norm(self) -> torch.Tensor | None:
         """The detached norm if A and B are unchanged since it was computed, else None (also when it
         was computed under torch.inference_mode and this forward is not: autograd cannot save it)."""
-        if self._norm_cache is None or self._norm_cache[0] != self._cache_key():
+        cache = self._norm_cache
+        if cache is None or cache[0] != self._cache_key() or not _alive(cache[2], self._factors()):
             return None
-        norm = self._norm_cache[1]
+        norm = cache[1]
         return None if norm.is_inference() and not torch.is_inference_mode_enabled() else norm
 
     @torch.no_grad()
@@ -220,7 +236,7 @@ class DoRALinear(LoRALinear):
             norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
         else:
             norm = self._norm_torch(A.float(), B.float(), dense, A_c)
-        self._norm_cache = (self._cache_key(), norm)
+        self._norm_cache = (self._cache_key(), norm, tuple(weakref.ref(t) for t in self._factors()))
         return norm
 
     @torch.no_grad()
@@ -301,21 +317,24 @@ class DoRALinear(LoRALinear):
         norm was repaired when it was computed, so whatever is left there (a NaN factor) stays.
         The check reads g on the host (on a GPU, a synchronization), so its result is kept until m or
         the norm change: gradient-accumulation micro-steps and activation-checkpoint recomputation
-        reuse it, and only the first forward after an optimizer step waits for the device. Like the
-        norm cache it follows optimizer steps and m's version counter (edits through `.data` need
-        invalidate_norm_caches). Called under torch.no_grad() (by forward)."""
+        reuse it, and on one device only the first forward after an optimizer step waits for it
+        (under FSDP2 each all-gather gives the unsharded parameters new addresses, so every forward
+        computes the norm and the check again). Like the norm cache it follows optimizer steps and
+        m's version counter (edits through `.data` need invalidate_norm_caches). Called under
+        torch.no_grad() (by forward)."""
         g = torch.div(self.magnitude, norm)
         m = self.magnitude
         key = (self._norm_cache[0] if self._norm_cache else None, _optimizer_steps, m._version, m.data_ptr())
-        if not repair and self._rows_cache is not None and self._rows_cache[0] == key:
-            return g, self._rows_cache[1]
+        cache = self._rows_cache
+        if not repair and cache is not None and cache[0] == key and _alive((cache[2],), (m,)):
+            return g, cache[1]
         rows = None
         if not torch.amin(g).item() >= G_RECOMPUTE:  # NaN fails it too
             if repair and self._fix_overflowed_rows(norm):
                 g = torch.div(self.magnitude, norm)
             rows = (g.abs() < G_RECOMPUTE).nonzero().squeeze(1)
             rows = rows if rows.numel() else None
-        self._rows_cache = (key, rows)
+        self._rows_cache = (key, rows, weakref.ref(m))
         return g, rows
 
     def _forward_exact(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

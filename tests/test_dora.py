@@ -236,6 +236,55 @@ def test_overflowed_row_is_repaired_beside_a_nan_magnitude():
     assert (((y - yr)[:, :3].norm(dim=0) / yr[:, :3].norm(dim=0)) < 1e-4).all()
 
 
+def test_norm_computed_again_after_inference_mode_is_repaired_again():
+    """A norm cached under torch.inference_mode is computed again by the next training forward
+    (under the same cache key); its overflowed row must be repaired again, not skipped because the
+    check on g was cached."""
+    w = torch.randn(4, 64)
+    w[1] = 1e-30
+    layer = DoRALinear(NF4Weight.quantize(w, double_quant=False), None, 4, 8.0, dtype=torch.float32)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 64)
+    yr, _ = reference(layer, x.double())
+    with torch.inference_mode():
+        y0 = layer(x).double()
+    y = layer(x).double()
+    for out in (y0, y):
+        assert (((out - yr).norm(dim=0) / yr.norm(dim=0)) < 1e-4).all()
+
+
+@pytest.mark.parametrize("replaced", ["magnitude", "lora_B"])
+def test_caches_tell_a_new_parameter_from_the_old_one(replaced):
+    """A parameter replaced by a new tensor can land at the freed one's address with the same
+    version count (simulated here by giving the cache the new tensor's key): the caches must see
+    that it is another tensor and compute the norm and the check on g again."""
+    layer = make(DoRALinear, 16, 64, 4, torch.float32)
+    x = torch.randn(8, 64)
+    layer(x)
+    new = layer.magnitude.detach().clone() if replaced == "magnitude" else layer.lora_B.detach() * 3
+    if replaced == "magnitude":
+        new[:4] = 0.0  # rows the check must find (their gradient cannot come from out / g)
+    setattr(layer, replaced, torch.nn.Parameter(new))
+    norm_key, norm, refs = layer._norm_cache
+    layer._norm_cache = (layer._cache_key(), norm, refs)
+    m = layer.magnitude
+    key, rows, ref = layer._rows_cache
+    layer._rows_cache = ((layer._cache_key(), *key[1:2], m._version, m.data_ptr()), rows, ref)
+    check(layer, x)
+
+
+def test_moving_the_layer_drops_its_caches():
+    """model.to() makes new tensors (which may reuse old addresses): the norm and the check are
+    computed again, in the new dtype's layer as in a fresh one."""
+    layer = make(DoRALinear, 16, 64, 4, torch.float32)
+    x = torch.randn(8, 64)
+    layer(x)
+    layer.to(torch.bfloat16)
+    assert layer._norm_cache is None and layer._rows_cache is None
+    check(layer, x.bfloat16())
+
+
 def test_small_magnitude_rows_use_recomputed_gradient():
     """Rows with g << 1 lose precision in (out - bias) / g; backward recomputes them."""
     layer = make(DoRALinear, 16, 64, 4, torch.bfloat16)
