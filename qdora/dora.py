@@ -65,8 +65,8 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _alive(refs: tuple, tensors: tuple) -> bool:
-    """Whether weak references still point at these very tensors: a cache key's addresses and
-    version counters alone could match a newer tensor allocated where a freed one was."""
+    """Whether weak references still point at these very tensors: a cache key's version counters
+    alone could match a replacement tensor (a new Parameter, torch.func.functional_call)."""
     return len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors))
 
 
@@ -176,7 +176,7 @@ class DoRALinear(LoRALinear):
         self.register_buffer("w0_sq", self._w0_sq_norms(), persistent=False)
         self.magnitude = nn.Parameter(self._norm_from_wa(None, None, None).to(dtype))
         # (key, norm, weak references to A and B) and (key, rows, weak reference to m): see
-        # _cached_norm and _gain. The references tell a tensor from a later one at the same address.
+        # _cached_norm and _gain. The keys hold version counters, the references whose they are.
         self._norm_cache: tuple[tuple, torch.Tensor, tuple] | None = None
         self._rows_cache: tuple[tuple, torch.Tensor | None, weakref.ref] | None = None
 
@@ -197,10 +197,13 @@ class DoRALinear(LoRALinear):
         return self.weight.row_sq_norms(self.row_scale)
 
     def _cache_key(self) -> tuple:
+        # Version counters, not addresses: FSDP2 gathers the same unsharded parameters into new
+        # storage before every forward (the identity of A and B is checked through _norm_cache's
+        # weak references).
         if not self.rank:
             return (self.w0_sq.data_ptr(), self.w0_sq._version)
         A, B = self.lora_A, self.lora_B
-        return (_optimizer_steps, A._version, B._version, A.data_ptr(), B.data_ptr(), self.w0_sq.data_ptr())
+        return (_optimizer_steps, A._version, B._version, self.w0_sq.data_ptr())
 
     def _factors(self) -> tuple[torch.Tensor, ...]:
         return (self.lora_A, self.lora_B) if self.rank else ()
@@ -309,6 +312,9 @@ class DoRALinear(LoRALinear):
             return AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude, norm, g, rows,
                                           self._bias(dtype), self.weight, self.scale, dense, A_c, fold)
 
+    def _rows_key(self) -> tuple:
+        return (self._norm_cache[0] if self._norm_cache else None, _optimizer_steps, self.magnitude._version)
+
     def _gain(self, norm: torch.Tensor, repair: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """g = m / ||V|| (float32, no graph) and the rows with |g| < G_RECOMPUTE (None when there are
         none). One reduction covers the common case: a non-finite norm (overflow) makes its g 0 or
@@ -317,14 +323,12 @@ class DoRALinear(LoRALinear):
         norm was repaired when it was computed, so whatever is left there (a NaN factor) stays.
         The check reads g on the host (on a GPU, a synchronization), so its result is kept until m or
         the norm change: gradient-accumulation micro-steps and activation-checkpoint recomputation
-        reuse it, and on one device only the first forward after an optimizer step waits for it
-        (under FSDP2 each all-gather gives the unsharded parameters new addresses, so every forward
-        computes the norm and the check again). Like the norm cache it follows optimizer steps and
-        m's version counter (edits through `.data` need invalidate_norm_caches). Called under
-        torch.no_grad() (by forward)."""
+        reuse it, and only the first forward after an optimizer step waits for it (under FSDP2 too:
+        its all-gathers refill the same parameters). Like the norm cache it follows optimizer steps,
+        m itself and m's version counter (edits through `.data` need invalidate_norm_caches).
+        Called under torch.no_grad() (by forward)."""
         g = torch.div(self.magnitude, norm)
-        m = self.magnitude
-        key = (self._norm_cache[0] if self._norm_cache else None, _optimizer_steps, m._version, m.data_ptr())
+        m, key = self.magnitude, self._rows_key()
         cache = self._rows_cache
         if not repair and cache is not None and cache[0] == key and _alive((cache[2],), (m,)):
             return g, cache[1]

@@ -152,6 +152,67 @@ def test_nf4_bytes_are_sharded_and_survive_all_gather(tmp_path):
             assert abs(got[dq]["local"] / got[dq]["total"] - 0.5) < 0.05 * 0.5, (r, got[dq])
 
 
+CACHE_WORKER = textwrap.dedent("""
+    import json, sys
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    from qdora import distributed as D
+    from qdora.dora import DoRALinear
+    from qdora.loss import answer_loss
+    from qdora.model import AdapterConfig, prepare_model
+
+    D.init_from_env("cpu")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model, _ = prepare_model(AutoModelForCausalLM.from_config(config).float(),
+                             AdapterConfig(rank=4, compute_dtype="float32"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    root = D.shard_model(model, torch.device("cpu"))
+    counts = {"norms": 0, "checks": 0}
+    compute_norm, amin = DoRALinear._compute_norm, torch.amin
+
+    def counted_norm(self, *a, **k):
+        counts["norms"] += 1
+        return compute_norm(self, *a, **k)
+
+    def counted_amin(*a, **k):
+        counts["checks"] += 1
+        return amin(*a, **k)
+
+    DoRALinear._compute_norm, torch.amin = counted_norm, counted_amin
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 64, (2, 16))
+    per_step = []
+    for step in range(2):
+        for micro in range(3):
+            loss = root(answer_loss, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+            loss.backward()
+        opt.step()
+        opt.zero_grad()
+        per_step.append(dict(counts))
+        counts.update(norms=0, checks=0)
+    layers = sum(isinstance(m, DoRALinear) for m in model.modules())
+    json.dump({"layers": layers, "per_step": per_step}, open(sys.argv[1] + f".rank{D.rank()}", "w"))
+    D.barrier()
+""")
+
+
+def test_norm_and_check_once_per_optimizer_step_under_fsdp2(tmp_path):
+    """FSDP2 all-gathers A, B and m into new storage before every forward: the caches still hold
+    across gradient-accumulation micro-steps and checkpoint recomputation (3 micro-steps, each
+    forward computed twice, one norm and one check per layer and optimizer step)."""
+    script = tmp_path / "worker.py"
+    script.write_text(CACHE_WORKER)
+    proc = torchrun([str(script), str(tmp_path / "counts")], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for r in (0, 1):
+        got = json.loads((tmp_path / f"counts.rank{r}").read_text())
+        assert got["layers"] == 14
+        assert got["per_step"] == [{"norms": 14, "checks": 14}] * 2, got
+
+
 DYING_WORKER = textwrap.dedent("""
     import os, sys
     import torch.distributed as dist
