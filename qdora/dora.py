@@ -33,9 +33,9 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 
 def invalidate_norm_caches() -> None:
     """Make every DoRALinear recompute its norm and its check on g at the next forward: for writes
-    to A, B or m that neither step an optimizer nor bump version counters (writes through `.data`;
-    FSDP2's all-gather copy-out preserves version counters, so a checkpoint loaded into sharded
-    parameters is such a write)."""
+    to A, B or m that neither step an optimizer nor bump their version counters: writes through
+    `.data`, and under FSDP2 any write to the sharded parameters outside an optimizer step (a
+    loaded checkpoint: the all-gather refills the unsharded parameters without a version bump)."""
     _count_optimizer_step(None, None, None)
 
 
