@@ -180,6 +180,11 @@ class DoRALinear(LoRALinear):
         self._norm_cache: tuple[tuple, torch.Tensor, tuple] | None = None
         self._rows_cache: tuple[tuple, torch.Tensor | None, weakref.ref] | None = None
 
+    def __getstate__(self) -> dict:
+        # Pickling (torch.save of the module, deepcopy) leaves the caches out: weak references do not
+        # pickle, and a copy's parameters are other tensors anyway.
+        return {**super().__getstate__(), "_norm_cache": None, "_rows_cache": None}
+
     def _apply(self, fn, recurse: bool = True):
         # model.to(dtype) casts the adapters as asked but keeps the norm constants in float32.
         keep = {id(self.w0_sq), id(self.row_scale)}

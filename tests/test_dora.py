@@ -284,6 +284,23 @@ def test_moving_the_layer_drops_its_caches():
     check(layer, x.bfloat16())
 
 
+def test_layer_with_filled_caches_pickles_and_copies():
+    """torch.save of the module and copy.deepcopy after a forward (the caches hold weak
+    references, which do not pickle): the copies compute their own norm and match."""
+    import copy
+    import io
+
+    layer = make(DoRALinear, 16, 64, 4, torch.float32)
+    x = torch.randn(8, 64)
+    y = layer(x)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for other in (torch.load(buffer, weights_only=False), copy.deepcopy(layer)):  # our own object
+        assert other._norm_cache is None
+        assert torch.equal(other(x), y)
+
+
 def test_small_magnitude_rows_use_recomputed_gradient():
     """Rows with g << 1 lose precision in (out - bias) / g; backward recomputes them."""
     layer = make(DoRALinear, 16, 64, 4, torch.bfloat16)
