@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 
 import torch
 from torch import nn
@@ -32,10 +31,11 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 
 
 def invalidate_norm_caches() -> None:
-    """Make every DoRALinear recompute its norm and its check on g at the next forward: for writes
-    to A, B or m that neither step an optimizer nor bump their version counters: writes through
-    `.data`, and under FSDP2 any write to the sharded parameters outside an optimizer step (a
-    loaded checkpoint: the all-gather refills the unsharded parameters without a version bump)."""
+    """Make every DoRALinear recompute its norm and its check on g at the next forward, for writes
+    to A, B or m that the caches cannot see (see _stamp): in-place writes through `.data`
+    (`p.data.copy_(t)`), and under FSDP2 in-place edits of the sharded parameters outside an
+    optimizer step (the all-gather refills the same unsharded parameters without a version bump).
+    load_state_dict drops a DoRALinear's caches itself; qdora's checkpoint loading calls this."""
     _count_optimizer_step(None, None, None)
 
 
@@ -64,10 +64,22 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _alive(refs: tuple, tensors: tuple) -> bool:
-    """Whether weak references still point at these very tensors: a cache key's version counters
-    alone could match a replacement tensor (a new Parameter, torch.func.functional_call)."""
-    return len(refs) == len(tensors) and all(r() is t for r, t in zip(refs, tensors))
+def _stamp(tensors: tuple[torch.Tensor, ...], steps: bool) -> tuple:
+    """What a cached value computed from `tensors` depends on, besides the tensors themselves: the
+    optimizer-step count (fused AdamW bumps no version counter) when `steps`, and each tensor's
+    version counter (in-place edits, load_state_dict) and storage object. FSDP2 refills the same
+    storage before every forward, resized in place at a new address, so addresses are not used;
+    `.data = t` brings another storage. The caches keep the tensors themselves too (compared by
+    identity, and kept alive so that no other tensor can take their place): a replaced Parameter
+    or torch.func.functional_call's tensors are other objects."""
+    return (_optimizer_steps if steps else None,  # inference tensors keep no version (nor change outside it)
+            *((None if t.is_inference() else t._version, t.untyped_storage()._cdata) for t in tensors))
+
+
+def _cache_hit(cache: tuple | None, tensors: tuple[torch.Tensor, ...], steps: bool) -> bool:
+    """Whether `cache` = (stamp, tensors, value...) was made from these very, unchanged tensors."""
+    return (cache is not None and len(cache[1]) == len(tensors) and all(a is b for a, b in zip(cache[1], tensors))
+            and cache[0] == _stamp(tensors, steps))
 
 
 class LoRALinear(nn.Module):
@@ -154,10 +166,10 @@ class DoRALinear(LoRALinear):
 
     norm_mode="detached" (default, paper section 4.3) treats ||V|| as a constant in backward: the
     gradient reaches A and B only through the numerator. The norm then changes only when A or B
-    change, so it is computed once per optimizer step (keyed on optimizer steps, on the factors
-    themselves and on their version counters, which catch in-place edits such as load_state_dict;
-    writes through `.data` need invalidate_norm_caches) and reused by every gradient-accumulation
-    micro-step and activation-checkpoint recomputation; so is the check on g = m / ||V||.
+    change, so it is computed once per optimizer step and reused by every gradient-accumulation
+    micro-step and activation-checkpoint recomputation, as is the check on g = m / ||V|| (cached
+    for the very A, B and m tensors, their storage and version counters, and the optimizer-step
+    count: see _stamp; in-place writes through `.data` need invalidate_norm_caches).
     norm_mode="exact" differentiates through the norm as well (paper eq. 6).
     rank=0 gives a magnitude-only module (V = W0, only m trains; the paper's Table 6 mixes these);
     its norm is a constant, computed once.
@@ -175,15 +187,23 @@ class DoRALinear(LoRALinear):
         self.register_buffer("row_scale", weight.row_scale(), persistent=False)
         self.register_buffer("w0_sq", self._w0_sq_norms(), persistent=False)
         self.magnitude = nn.Parameter(self._norm_from_wa(None, None, None).to(dtype))
-        # (key, norm, weak references to A and B) and (key, rows, weak reference to m): see
-        # _cached_norm and _gain. The keys hold version counters, the references whose they are.
-        self._norm_cache: tuple[tuple, torch.Tensor, tuple] | None = None
-        self._rows_cache: tuple[tuple, torch.Tensor | None, weakref.ref] | None = None
+        # (stamp, inputs, norm) and (stamp, (m, norm), rows): see _stamp, _cached_norm and _gain.
+        self._norm_cache: tuple | None = None
+        self._rows_cache: tuple | None = None
+
+    def _drop_caches(self) -> None:
+        self._norm_cache = self._rows_cache = None
 
     def __getstate__(self) -> dict:
-        # Pickling (torch.save of the module, deepcopy) leaves the caches out: weak references do not
-        # pickle, and a copy's parameters are other tensors anyway.
+        # Pickling (torch.save of the module, deepcopy) leaves the caches out: a copy's parameters
+        # are other tensors.
         return {**super().__getstate__(), "_norm_cache": None, "_rows_cache": None}
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # Loading may swap tensors (torch.utils.swap_tensors) or, under FSDP2, write the sharded
+        # parameters, neither of which the caches' stamps would see.
+        self._drop_caches()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse: bool = True):
         # model.to(dtype) casts the adapters as asked but keeps the norm constants in float32.
@@ -192,7 +212,7 @@ class DoRALinear(LoRALinear):
         def fp32_constants(t: torch.Tensor) -> torch.Tensor:
             out = fn(t)
             return t.to(out.device) if id(t) in keep and out.dtype != t.dtype else out
-        self._norm_cache = self._rows_cache = None  # new tensors may reuse the old ones' addresses
+        self._drop_caches()  # _apply may set param.data (same object, same version) or swap tensors
         return super()._apply(fp32_constants, recurse)
 
     def _w0_sq_norms(self) -> torch.Tensor:
@@ -201,25 +221,17 @@ class DoRALinear(LoRALinear):
             return nf4_row_sq_norms(self.weight, self.row_scale)
         return self.weight.row_sq_norms(self.row_scale)
 
-    def _cache_key(self) -> tuple:
-        # Version counters, not addresses: FSDP2 gathers the same unsharded parameters into new
-        # storage before every forward (the identity of A and B is checked through _norm_cache's
-        # weak references).
-        if not self.rank:
-            return (self.w0_sq.data_ptr(), self.w0_sq._version)
-        A, B = self.lora_A, self.lora_B
-        return (_optimizer_steps, A._version, B._version, self.w0_sq.data_ptr())
-
-    def _factors(self) -> tuple[torch.Tensor, ...]:
-        return (self.lora_A, self.lora_B) if self.rank else ()
+    def _norm_inputs(self) -> tuple[torch.Tensor, ...]:
+        """What the norm is computed from (row_scale and the NF4 weight are constants, as is w0_sq)."""
+        return (self.w0_sq, self.lora_A, self.lora_B) if self.rank else (self.w0_sq,)
 
     def _cached_norm(self) -> torch.Tensor | None:
         """The detached norm if A and B are unchanged since it was computed, else None (also when it
         was computed under torch.inference_mode and this forward is not: autograd cannot save it)."""
         cache = self._norm_cache
-        if cache is None or cache[0] != self._cache_key() or not _alive(cache[2], self._factors()):
+        if not _cache_hit(cache, self._norm_inputs(), steps=self.rank > 0):
             return None
-        norm = cache[1]
+        norm = cache[2]
         return None if norm.is_inference() and not torch.is_inference_mode_enabled() else norm
 
     @torch.no_grad()
@@ -244,7 +256,8 @@ class DoRALinear(LoRALinear):
             norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
         else:
             norm = self._norm_torch(A.float(), B.float(), dense, A_c)
-        self._norm_cache = (self._cache_key(), norm, tuple(weakref.ref(t) for t in self._factors()))
+        inputs = self._norm_inputs()
+        self._norm_cache = (_stamp(inputs, steps=self.rank > 0), inputs, norm)
         return norm
 
     @torch.no_grad()
@@ -317,9 +330,6 @@ class DoRALinear(LoRALinear):
             return AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude, norm, g, rows,
                                           self._bias(dtype), self.weight, self.scale, dense, A_c, fold)
 
-    def _rows_key(self) -> tuple:
-        return (self._norm_cache[0] if self._norm_cache else None, _optimizer_steps, self.magnitude._version)
-
     def _gain(self, norm: torch.Tensor, repair: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """g = m / ||V|| (float32, no graph) and the rows with |g| < G_RECOMPUTE (None when there are
         none). One reduction covers the common case: a non-finite norm (overflow) makes its g 0 or
@@ -329,21 +339,19 @@ class DoRALinear(LoRALinear):
         The check reads g on the host (on a GPU, a synchronization), so its result is kept until m or
         the norm change: gradient-accumulation micro-steps and activation-checkpoint recomputation
         reuse it, and only the first forward after an optimizer step waits for it (under FSDP2 too:
-        its all-gathers refill the same parameters). Like the norm cache it follows optimizer steps,
-        m itself and m's version counter (edits through `.data` need invalidate_norm_caches).
-        Called under torch.no_grad() (by forward)."""
+        its all-gathers refill the same parameters). It is kept for this m and this norm tensor,
+        stamped as the norm is (_stamp). Called under torch.no_grad() (by forward)."""
         g = torch.div(self.magnitude, norm)
-        m, key = self.magnitude, self._rows_key()
-        cache = self._rows_cache
-        if not repair and cache is not None and cache[0] == key and _alive((cache[2],), (m,)):
-            return g, cache[1]
+        inputs = (self.magnitude, norm)
+        if not repair and _cache_hit(self._rows_cache, inputs, steps=True):
+            return g, self._rows_cache[2]
         rows = None
         if not torch.amin(g).item() >= G_RECOMPUTE:  # NaN fails it too
             if repair and self._fix_overflowed_rows(norm):
                 g = torch.div(self.magnitude, norm)
             rows = (g.abs() < G_RECOMPUTE).nonzero().squeeze(1)
             rows = rows if rows.numel() else None
-        self._rows_cache = (key, rows, weakref.ref(m))
+        self._rows_cache = (_stamp(inputs, steps=True), inputs, rows)
         return g, rows
 
     def _forward_exact(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -157,7 +157,7 @@ CACHE_WORKER = textwrap.dedent("""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
     from qdora import distributed as D
-    from qdora.dora import DoRALinear
+    from qdora.dora import DoRALinear, invalidate_norm_caches
     from qdora.loss import answer_loss
     from qdora.model import AdapterConfig, prepare_model
 
@@ -194,7 +194,17 @@ CACHE_WORKER = textwrap.dedent("""
         per_step.append(dict(counts))
         counts.update(norms=0, checks=0)
     layers = sum(isinstance(m, DoRALinear) for m in model.modules())
-    json.dump({"layers": layers, "per_step": per_step}, open(sys.argv[1] + f".rank{D.rank()}", "w"))
+    # A state dict loaded into the sharded parameters (no optimizer step, no version bump on the
+    # gathered ones): the next forward must use it, as it does after invalidating the caches.
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        before = root(answer_loss, batch).item()  # fills the caches after the last step
+        model.load_state_dict({k: v * 2 if k.endswith("lora_B") else v for k, v in model.state_dict().items()})
+        loaded = root(answer_loss, batch).item()
+        invalidate_norm_caches()
+        fresh = root(answer_loss, batch).item()
+    json.dump({"layers": layers, "per_step": per_step, "loaded": [loaded, fresh], "before": before},
+              open(sys.argv[1] + f".rank{D.rank()}", "w"))
     D.barrier()
 """)
 
@@ -202,7 +212,8 @@ CACHE_WORKER = textwrap.dedent("""
 def test_norm_and_check_once_per_optimizer_step_under_fsdp2(tmp_path):
     """FSDP2 all-gathers A, B and m into new storage before every forward: the caches still hold
     across gradient-accumulation micro-steps and checkpoint recomputation (3 micro-steps, each
-    forward computed twice, one norm and one check per layer and optimizer step)."""
+    forward computed twice, one norm and one check per layer and optimizer step), and a state dict
+    loaded into the sharded parameters is not hidden by them."""
     script = tmp_path / "worker.py"
     script.write_text(CACHE_WORKER)
     proc = torchrun([str(script), str(tmp_path / "counts")], tmp_path)
@@ -211,6 +222,7 @@ def test_norm_and_check_once_per_optimizer_step_under_fsdp2(tmp_path):
         got = json.loads((tmp_path / f"counts.rank{r}").read_text())
         assert got["layers"] == 14
         assert got["per_step"] == [{"norms": 14, "checks": 14}] * 2, got
+        assert got["loaded"][0] == got["loaded"][1] != got["before"], got
 
 
 DYING_WORKER = textwrap.dedent("""

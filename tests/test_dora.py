@@ -9,7 +9,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from qdora.adapter_function import column_dots, scale_columns
-from qdora.dora import NORM_EPS, DoRALinear, LoRALinear, invalidate_norm_caches
+from qdora.dora import NORM_EPS, DoRALinear, LoRALinear, _stamp, invalidate_norm_caches
 from qdora.nf4 import NF4Weight
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -256,9 +256,9 @@ def test_norm_computed_again_after_inference_mode_is_repaired_again():
 
 @pytest.mark.parametrize("replaced", ["magnitude", "lora_B"])
 def test_caches_tell_a_new_parameter_from_the_old_one(replaced):
-    """A parameter replaced by a new tensor can have the same version count, and land at the freed
-    one's address (simulated here by giving the caches the new tensor's keys): the caches must see
-    that it is another tensor and compute the norm and the check on g again."""
+    """A parameter replaced by a new tensor whose stamp (step count, version counter, storage)
+    matched the old one's (simulated here by restamping the caches) is still another object: the
+    norm and the check on g are computed again."""
     layer = make(DoRALinear, 16, 64, 4, torch.float32)
     x = torch.randn(8, 64)
     layer(x)
@@ -266,16 +266,51 @@ def test_caches_tell_a_new_parameter_from_the_old_one(replaced):
     if replaced == "magnitude":
         new[:4] = 0.0  # rows the check must find (their gradient cannot come from out / g)
     setattr(layer, replaced, torch.nn.Parameter(new))
-    _, norm, refs = layer._norm_cache
-    layer._norm_cache = (layer._cache_key(), norm, refs)
-    _, rows, ref = layer._rows_cache
-    layer._rows_cache = (layer._rows_key(), rows, ref)
+    _, inputs, norm = layer._norm_cache
+    layer._norm_cache = (_stamp(layer._norm_inputs(), steps=True), inputs, norm)
+    _, (m, _), rows = layer._rows_cache
+    layer._rows_cache = (_stamp((layer.magnitude, norm), steps=True), (m, norm), rows)
+    check(layer, x)
+
+
+def test_check_follows_a_norm_recomputed_outside_forward():
+    """The check on g belongs to the norm it was made with: B replaced (same version count) and the
+    norm recomputed by _norm_detached, g drops far below 1 and the next forward must find those rows."""
+    layer = make(DoRALinear, 16, 64, 4, torch.bfloat16)
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    layer(x)
+    layer.lora_B = torch.nn.Parameter(layer.lora_B.detach() * 300)
+    layer._norm_detached()
+    check(layer, x)
+
+
+@pytest.mark.parametrize("how", ["data", "swap"])
+def test_caches_see_data_assignment_and_swapped_loads(how):
+    """`param.data = t` keeps the Parameter and its version but brings another storage; a
+    load_state_dict that swaps tensors (torch.__future__'s swap flag) must not be refused and
+    must not leave the old norm behind."""
+    layer = make(DoRALinear, 16, 64, 4, torch.float32)
+    x = torch.randn(8, 64)
+    layer(x)
+    if how == "data":
+        layer.lora_B.data = layer.lora_B.detach() * 3
+        layer.magnitude.data = layer.magnitude.detach() * 0.5
+    else:
+        other = make(DoRALinear, 16, 64, 4, torch.float32)
+        other.weight, other.w0_sq, other.row_scale = layer.weight, layer.w0_sq, layer.row_scale
+        state = {k: v for k, v in other.state_dict().items() if not k.startswith("weight.")}
+        torch.__future__.set_swap_module_params_on_conversion(True)
+        try:
+            layer.load_state_dict(state, strict=False)
+        finally:
+            torch.__future__.set_swap_module_params_on_conversion(False)
+        torch.testing.assert_close(layer.lora_B, other.lora_B, rtol=0, atol=0)
     check(layer, x)
 
 
 def test_moving_the_layer_drops_its_caches():
-    """model.to() makes new tensors (which may reuse old addresses): the norm and the check are
-    computed again, in the new dtype's layer as in a fresh one."""
+    """model.to() sets param.data (same object, same version) or swaps tensors: the norm and the
+    check are computed again, in the new dtype's layer as in a fresh one."""
     layer = make(DoRALinear, 16, 64, 4, torch.float32)
     x = torch.randn(8, 64)
     layer(x)
@@ -285,8 +320,8 @@ def test_moving_the_layer_drops_its_caches():
 
 
 def test_layer_with_filled_caches_pickles_and_copies():
-    """torch.save of the module and copy.deepcopy after a forward (the caches hold weak
-    references, which do not pickle): the copies compute their own norm and match."""
+    """torch.save of the module and copy.deepcopy after a forward: the copies leave the caches
+    out, compute their own norm and match."""
     import copy
     import io
 

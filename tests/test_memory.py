@@ -66,7 +66,7 @@ def measure(hf_config, adapter: AdapterConfig, checkpointing: bool) -> dict[str,
             loss = answer_loss(model, batch)
     for t in kept_on_ctx(loss):
         saved.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
-    caches = {m._norm_cache[1].untyped_storage().data_ptr() for m in model.modules()
+    caches = {m._norm_cache[2].untyped_storage().data_ptr() for m in model.modules()
               if isinstance(m, DoRALinear) and m._norm_cache is not None}
     got["adapters"] += sum(saved.get(p, 0) for p in caches)  # the persistent norm cache
     got["activations"] = sum(v for p, v in saved.items() if p not in owned and p not in caches)
@@ -219,7 +219,7 @@ def test_fsdp2_shards_match_prediction(method):
         return sum({local_tensor(t).untyped_storage().data_ptr(): local_tensor(t).untyped_storage().nbytes()
                     for t in tensors}.values())
 
-    caches = [m._norm_cache[1] for m in model.modules() if isinstance(m, DoRALinear) and m._norm_cache]
+    caches = [m._norm_cache[2] for m in model.modules() if isinstance(m, DoRALinear) and m._norm_cache]
     pred = predict(hf_config, adapter, seq_len=T, batch_size=B, world_size=ws)["gpu"]
     weights = sum(pred[k] for k in ("nf4_weights", "nf4_scales", "frozen_weights", "adapters"))
     assert weights == unique_bytes([*model.parameters(), *model.buffers(), *caches])
