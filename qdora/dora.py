@@ -190,6 +190,8 @@ class DoRALinear(LoRALinear):
         # (stamp, inputs, norm) and (stamp, (m, norm), rows): see _stamp, _cached_norm and _gain.
         self._norm_cache: tuple | None = None
         self._rows_cache: tuple | None = None
+        self._loading_weight = False
+        self.register_load_state_dict_post_hook(DoRALinear._after_load)
 
     def _drop_caches(self) -> None:
         self._norm_cache = self._rows_cache = None
@@ -199,11 +201,22 @@ class DoRALinear(LoRALinear):
         # are other tensors.
         return {**super().__getstate__(), "_norm_cache": None, "_rows_cache": None}
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        # Loading may swap tensors (torch.utils.swap_tensors) or, under FSDP2, write the sharded
-        # parameters, neither of which the caches' stamps would see.
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # Under FSDP2 loading writes the sharded parameters, which the caches' stamps do not see.
         self._drop_caches()
-        super()._load_from_state_dict(*args, **kwargs)
+        self._loading_weight = any(k.startswith(prefix + "weight.") for k in state_dict)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @staticmethod
+    def _after_load(self: "DoRALinear", incompatible_keys) -> None:
+        """Loaded NF4 bytes (the child `weight`, loaded after this module's own tensors) bring their
+        own row scales and ||W0||^2, which are not in any state dict. Under FSDP2 the bytes are
+        row shards; there they must be the ones the model was built from."""
+        loaded, self._loading_weight = self._loading_weight, False
+        if loaded and not hasattr(self.weight.packed, "to_local"):
+            with torch.no_grad():
+                self.row_scale.copy_(self.weight.row_scale())
+                self.w0_sq.copy_(self._w0_sq_norms())
 
     def _apply(self, fn, recurse: bool = True):
         # model.to(dtype) casts the adapters as asked but keeps the norm constants in float32.

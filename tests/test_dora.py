@@ -308,6 +308,22 @@ def test_caches_see_data_assignment_and_swapped_loads(how):
     check(layer, x)
 
 
+def test_loading_other_nf4_bytes_brings_their_row_constants():
+    """row_scale and ||W0||^2 are not in the state dict: loading another layer's NF4 bytes (a copy
+    of another prepared model) recomputes them, so the layer then computes what that one does."""
+    layer = make(DoRALinear, 16, 64, 4, torch.float32)
+    other = make(DoRALinear, 16, 64, 4, torch.float32)
+    with torch.no_grad():
+        other.weight.packed.copy_(NF4Weight.quantize(torch.randn(16, 64) * 5).packed)
+        other.w0_sq.copy_(other._w0_sq_norms())
+        other.row_scale.copy_(other.weight.row_scale())
+    x = torch.randn(8, 64)
+    layer(x)
+    layer.load_state_dict(other.state_dict())
+    assert torch.equal(layer(x), other(x))
+    check(layer, x)
+
+
 def test_moving_the_layer_drops_its_caches():
     """model.to() sets param.data (same object, same version) or swaps tensors: the norm and the
     check are computed again, in the new dtype's layer as in a fresh one."""
