@@ -203,15 +203,22 @@ def test_no_nan_for_extreme_finite_weights(double_quant, seed):
         torch.testing.assert_close(layer.magnitude[1:3].double(), w[1:3].double().norm(dim=1), rtol=0.2, atol=0)
 
 
-def test_tiny_row_dominated_by_the_adapter_keeps_its_norm():
-    """row_scale follows W0 alone: for a 1e-30 row with B A of order 1 the factored squared norm
-    overflows float32, and that row's norm is computed again from V in float64, both when the
-    forward computes the norm (checked with g) and when _norm_detached does."""
+def tiny_row_layer() -> DoRALinear:
+    """Row 1 of W0 is 1e-30 and B A is of order 1 there: that row's factored squared norm
+    overflows float32 and must be computed again from V (_fix_overflowed_rows)."""
     w = torch.randn(4, 64)
     w[1] = 1e-30
     layer = DoRALinear(NF4Weight.quantize(w, double_quant=False), None, 4, 8.0, dtype=torch.float32)
     with torch.no_grad():
         layer.lora_B.normal_()
+    return layer
+
+
+def test_tiny_row_dominated_by_the_adapter_keeps_its_norm():
+    """row_scale follows W0 alone: for a 1e-30 row with B A of order 1 the factored squared norm
+    overflows float32, and that row's norm is computed again from V in float64, both when the
+    forward computes the norm (checked with g) and when _norm_detached does."""
+    layer = tiny_row_layer()
     V = layer.weight.dequantize(torch.float32).double() + layer.scale * layer.lora_B.double() @ layer.lora_A.double()
     x = torch.randn(3, 64)
     y, (yr, _) = layer(x).double(), reference(layer, x.double())  # the forward computes the norm first
@@ -224,11 +231,8 @@ def test_tiny_row_dominated_by_the_adapter_keeps_its_norm():
 def test_overflowed_row_is_repaired_beside_a_nan_magnitude():
     """A NaN in one row's g (here its m) must not hide another row's overflowed norm from the check
     (amin propagates the NaN, and NaN compares false)."""
-    w = torch.randn(4, 64)
-    w[1] = 1e-30
-    layer = DoRALinear(NF4Weight.quantize(w, double_quant=False), None, 4, 8.0, dtype=torch.float32)
+    layer = tiny_row_layer()
     with torch.no_grad():
-        layer.lora_B.normal_()
         layer.magnitude[3] = float("nan")
     x = torch.randn(3, 64)
     y, (yr, _) = layer(x).double(), reference(layer, x.double())
@@ -240,11 +244,7 @@ def test_norm_computed_again_after_inference_mode_is_repaired_again():
     """A norm cached under torch.inference_mode is computed again by the next training forward
     (under the same cache key); its overflowed row must be repaired again, not skipped because the
     check on g was cached."""
-    w = torch.randn(4, 64)
-    w[1] = 1e-30
-    layer = DoRALinear(NF4Weight.quantize(w, double_quant=False), None, 4, 8.0, dtype=torch.float32)
-    with torch.no_grad():
-        layer.lora_B.normal_()
+    layer = tiny_row_layer()
     x = torch.randn(3, 64)
     yr, _ = reference(layer, x.double())
     with torch.inference_mode():
