@@ -154,16 +154,17 @@ def profile_difference(args, steps: int = 3, rows: int = 15) -> None:
 
 def dora_floor(args) -> None:
     """The least any exact QDoRA built on these kernels can add to our QLoRA step: our QLoRA model
-    stepped with and without the three passes over memory that DoRA's formula needs and QLoRA's does
-    not, added by hooks that leave every result unchanged:
-      forward: W0 A^T on the dequantized weight (the norm's cross term), and one pass over the output
-               (applying g = m / ||V||, here g = 1 into a tensor that is dropped);
-      backward: sum_t grad * out (the magnitude gradient), at the end of the layer's backward.
-    Both passes are qdora.adapter_function's own (scale_columns, column_dots).
+    stepped with and without the work that DoRA's formula needs and QLoRA's does not, results
+    unchanged:
+      forward: W0 A^T on the dequantized weight (the norm's cross term), and applying g to the base
+               output (here g = 1, through qdora.adapter_function's own route: the matmul's
+               multiply post-op on the CPU in bf16 without bias, else one pass, scale_columns);
+      backward: g folded into the dequantization, and sum_t grad * out (the magnitude gradient,
+               column_dots) at the end of the layer's backward.
     The norm's r x r arithmetic, g itself and the small-g check are left out, so the ratio is a lower
     bound. Our QDoRA steps in the same rotation, for comparison. CPU only: on CUDA our QDoRA takes
-    the Triton norm and folds g into the dequantization, which these passes do not model."""
-    from qdora.adapter_function import column_dots, scale_columns
+    the Triton norm and folds g into the dequantization, which this does not model."""
+    from qdora.adapter_function import AdapterFunction, column_dots
     from qdora.dora import LoRALinear
 
     if args.device != "cpu":
@@ -173,20 +174,25 @@ def dora_floor(args) -> None:
     pending = {}  # NF4Weight -> the A whose W0 A^T its next dequantization (the forward's) computes
     qlora, qdora = build("qlora", args), build("qdora", args)
 
-    def pre_hook(layer, inputs):
-        if on["floor"]:
+    def floor_forward(layer):
+        plain = layer.forward
+
+        def forward(x):
+            if not on["floor"]:
+                return plain(x)
             pending[layer.weight] = layer.lora_A
+            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+            with torch.autocast("cpu", enabled=False):
+                x = x.to(dtype)
+                out = AdapterFunction.apply(x, layer.dropout(x), layer.lora_A, layer.lora_B, None, None, layer.one, None,
+                                            layer._bias(dtype), layer.weight, layer.scale)
+            saved = out.detach().reshape(-1, out.shape[-1])
 
-    def post_hook(layer, inputs, out):
-        if not on["floor"]:
-            return
-        with torch.no_grad():
-            scale_columns(out.detach(), layer.one)
-        saved = out.detach().reshape(-1, out.shape[-1])
-
-        def magnitude_grad(grad_in, grad_out) -> None:  # runs right after the layer's backward
-            column_dots(grad_out[0].reshape(saved.shape), saved)
-        out.grad_fn.register_hook(magnitude_grad)
+            def magnitude_grad(grad_in, grad_out) -> None:  # runs right after the layer's backward
+                column_dots(grad_out[0].reshape(saved.shape), saved)
+            out.grad_fn.register_hook(magnitude_grad)
+            return out
+        return forward
 
     def with_norm_mm(weight, dequantize):
         def wrapped(dtype, *a, **k):
@@ -201,8 +207,7 @@ def dora_floor(args) -> None:
         if isinstance(layer, LoRALinear):
             layer.one = torch.ones(layer.out_features, device=args.device)
             layer.weight.dequantize = with_norm_mm(layer.weight, layer.weight.dequantize)
-            layer.register_forward_pre_hook(pre_hook)
-            layer.register_forward_hook(post_hook)
+            layer.forward = floor_forward(layer)
     step_qlora = step_fn(qlora, args)  # one model and optimizer; the hooks switch the passes on
     steps = {"qlora": step_qlora, "qlora + DoRA's passes": step_qlora, "qdora": step_fn(qdora, args)}
     times = {name: [] for name in steps}
