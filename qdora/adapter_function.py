@@ -133,8 +133,10 @@ def column_dots(a: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = N
 
 def fuses_column_scale(x: torch.Tensor) -> bool:
     """Whether linear_scaled takes x: on the CPU in bfloat16, where oneDNN can scale the output
-    columns as it writes them. (Not float16: g beyond its range would become inf.)"""
-    return x.device.type == "cpu" and x.dtype == torch.bfloat16 and _onednn_bf16()
+    columns as it writes them, unless oneDNN is switched off (torch.backends.mkldnn.enabled).
+    (Not float16: g beyond its range would become inf.)"""
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and torch.backends.mkldnn.enabled
+            and _onednn_bf16())
 
 
 def linear_scaled(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -545,6 +545,19 @@ def test_magnitude_gradient_divides_by_the_g_the_output_used():
     assert ((layer.magnitude.grad.double() - expected).abs() <= 5e-4 * expected.abs()).all()
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's own, from flags()
+def test_onednn_switched_off_takes_the_separate_pass():
+    """torch.backends.mkldnn.flags(enabled=False) is honoured: the layer then applies g in its own
+    pass (scale_columns), and both routes agree with the fp64 formula."""
+    layer = make(DoRALinear, 24, 64, 4, torch.bfloat16)
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not fuses_column_scale(x)
+        check(layer, x)
+    layer.zero_grad()
+    check(layer, x)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_scale_columns_adds_the_shift_in_the_same_rounding(dtype):
     """y * g + shift rounded once to dtype from float32: within half an ulp of the float64 result
@@ -577,9 +590,10 @@ def test_column_dots_match_float64(dtype, shift):
 
 
 @pytest.mark.parametrize("cls,rank", [(DoRALinear, 4), (DoRALinear, 0), (LoRALinear, 4)])
-def test_no_tokens(cls, rank):
+@pytest.mark.parametrize("bias", [True, False])  # without bias, QDoRA takes oneDNN's fused matmul on the CPU
+def test_no_tokens(cls, rank, bias):
     """A layer that gets no tokens (an empty batch, an idle expert): empty output, zero gradients."""
-    layer = make(cls, 8, 64, rank, torch.bfloat16, bias=torch.randn(8))
+    layer = make(cls, 8, 64, rank, torch.bfloat16, bias=torch.randn(8) if bias else None)
     x = torch.randn(0, 3, 64, dtype=torch.bfloat16, requires_grad=True)
     y = layer(x)
     assert y.shape == (0, 3, 8)
