@@ -157,8 +157,8 @@ def dora_floor(args) -> None:
     stepped with and without the work that DoRA's formula needs and QLoRA's does not, results
     unchanged:
       forward: W0 A^T on the dequantized weight (the norm's cross term), and applying g to the base
-               output (here g = 1, through qdora.adapter_function's own route: the matmul's
-               multiply post-op on the CPU in bf16 without bias, else one pass, scale_columns);
+               output (here g = 1, through qdora.adapter_function's own route: one pass,
+               scale_columns, which with g = 1 changes no value but -0.0);
       backward: g folded into the dequantization, and sum_t grad * out (the magnitude gradient,
                column_dots) at the end of the layer's backward.
     The norm's r x r arithmetic, g itself and the small-g check are left out, so the ratio is a lower

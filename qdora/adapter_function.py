@@ -26,10 +26,7 @@ class AdapterFunction(torch.autograd.Function):
     function returns.
 
     Forward: base = x W0^T; QDoRA then scales it by g and adds the bias in one pass
-    (scale_columns: float32 arithmetic rounded once, so g = 1 leaves it as it was). On the CPU in
-    bfloat16 without a bias, oneDNN's matmul applies g itself as it writes the output
-    (linear_scaled), so there is no such pass; g is then rounded to bfloat16 first, and that g
-    is the one this function uses throughout (diag(g) s B, backward, dL/dm). With `fold`
+    (scale_columns: float32 arithmetic rounded once, so g = 1 leaves it as it was). With `fold`
     (the norm was computed without dequantizing W0: Triton, or magnitude-only) g is instead folded
     into the NF4 block scales, so bitsandbytes dequantizes diag(g) W0 directly and the pass
     disappears (the matmul then adds the bias, as in QLoRA). The low-rank
@@ -41,7 +38,7 @@ class AdapterFunction(torch.autograd.Function):
     dequantized again in backward, never kept.
 
     dL/dm = sum_t grad * y / ||V|| needs y = x W0^T + s lora; it is recovered as (out - bias) / g
-    (g ||V|| = m, or the rounded g times ||V||) rather than stored (the output is often saved by the next op anyway: attention's v, the MLP's
+    rather than stored (the output is often saved by the next op anyway: attention's v, the MLP's
     gate and up). `rows` (an index tensor, or None) are those with |g| < G_RECOMPUTE, rare (m far
     below ||V||): there the output's rounding, relative to the bias too, is divided by a small g
     (and g = 0 leaves nothing to divide), so backward recomputes their y from x and those rows of W0.
@@ -53,19 +50,11 @@ class AdapterFunction(torch.autograd.Function):
         dtype = x.dtype
         # The bias is added where the output is first written, rounded once with it: by the matmul
         # (QLoRA, folded g) or by QDoRA's pass that applies g.
-        rounded_g = False
         if fold and g is not None:
             out = F.linear(x, _dequantize(weight, dtype, g), bias)
         else:
             w0 = weight.dequantize(dtype) if dense is None else dense
-            if g is None:
-                out = F.linear(x, w0, bias)
-            elif bias is None and fuses_column_scale(x):
-                g = g.to(dtype)  # oneDNN takes g in x's dtype; from here on g is that value
-                out = linear_scaled(x, w0, g)
-                g, rounded_g = g.float(), True
-            else:
-                out = scale_columns(F.linear(x, w0), g, bias)
+            out = F.linear(x, w0, bias) if g is None else scale_columns(F.linear(x, w0), g, bias)
         ax = Bs = row_factor = None
         if A is not None:
             row_factor = scale if g is None else (g * scale).unsqueeze(1)
@@ -76,7 +65,7 @@ class AdapterFunction(torch.autograd.Function):
             if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
                 A_c = None  # only the input gradient needs it
         ctx.weight, ctx.scale, ctx.drop_is_x, ctx.Bs, ctx.row_factor = weight, scale, x_drop is x, Bs, row_factor
-        ctx.rows, ctx.rounded_g = rows, rounded_g
+        ctx.rows = rows
         ctx.save_for_backward(x, x_drop, A, A_c, B, m, norm, bias, ax, None if m is None else out, g)
         return out
 
@@ -100,20 +89,18 @@ class AdapterFunction(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.view(*lead, x.shape[-1])
         if m is not None and ctx.needs_input_grad[4]:
-            # y = (out - bias) / g, and g ||V|| is m unless g was rounded to the compute dtype.
-            denom = g * norm if ctx.rounded_g else m
-            grad_m = _magnitude_grad(grad2, out, x, ax, B, denom, norm, ctx.rows, bias, weight, scale).to(m.dtype)
+            grad_m = _magnitude_grad(grad2, out, x, ax, B, m, norm, ctx.rows, bias, weight, scale)
         return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None, None, None, None, None, None
 
 
-def _magnitude_grad(grad2, out, x, ax, B, denom, norm, rows, bias, weight: NF4Weight, scale: float) -> torch.Tensor:
-    """dL/dm = sum_t grad * y / ||V|| with y = (out - bias) / g, that is sum_t grad * (out - bias) / denom
-    with denom = g ||V|| (m itself, unless g was rounded), in float32. `rows` (|g| < G_RECOMPUTE,
-    found in forward) are recomputed from x (see AdapterFunction)."""
-    grad_m = column_dots(grad2, out.reshape(-1, out.shape[-1]), bias).div_(denom)
+def _magnitude_grad(grad2, out, x, ax, B, m, norm, rows, bias, weight: NF4Weight, scale: float) -> torch.Tensor:
+    """dL/dm = sum_t grad * y / ||V|| with y = (out - bias) / g, that is sum_t grad * (out - bias) / m
+    (g ||V|| = m), its result rounded once to m's dtype. `rows` (|g| < G_RECOMPUTE, found in
+    forward) are recomputed from x (see AdapterFunction)."""
+    grad_m = column_dots(grad2, out.reshape(-1, out.shape[-1]), bias).div_(m).to(m.dtype)
     if rows is not None:
         y = _recompute_rows(x, ax, B, weight, rows, scale)
-        grad_m[rows] = (grad2[:, rows].float() * y).sum(0) / norm[rows]
+        grad_m[rows] = ((grad2[:, rows].float() * y).sum(0) / norm[rows]).to(m.dtype)
     return grad_m
 
 
@@ -129,29 +116,6 @@ def column_dots(a: torch.Tensor, b: torch.Tensor, shift: torch.Tensor | None = N
         mean = zeros if shift is None else shift.float()
         return _BATCH_NORM_BACKWARD(a, b, None, None, None, mean, ones, True, 0.0, [False, True, False])[1]
     return (a * (b if shift is None else b - shift)).sum(0, dtype=torch.float32)
-
-
-def fuses_column_scale(x: torch.Tensor) -> bool:
-    """Whether linear_scaled takes x: on the CPU in bfloat16, where oneDNN can scale the output
-    columns as it writes them, unless oneDNN is switched off (torch.backends.mkldnn.enabled).
-    (Not float16: g beyond its range would become inf.)"""
-    return (x.device.type == "cpu" and x.dtype == torch.bfloat16 and torch.backends.mkldnn.enabled
-            and _onednn_bf16())
-
-
-def linear_scaled(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """x W^T * g, g per output column in x's dtype, through oneDNN's linear with a multiply
-    post-op: g scales the float32 accumulator before its one rounding, so no second pass over the
-    output (scale_columns) is needed, and g = 1 leaves F.linear's output bit for bit. This is the
-    operator torch.compile's CPU backend fuses a linear and a following multiply into."""
-    out = torch.ops.mkldnn._linear_pointwise.binary(x.reshape(-1, x.shape[-1]), g.unsqueeze(0), w, None, "mul")
-    return out.view(*x.shape[:-1], w.shape[0])
-
-
-@functools.cache
-def _onednn_bf16() -> bool:
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def scale_columns(y: torch.Tensor, g: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:

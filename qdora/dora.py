@@ -160,10 +160,9 @@ class DoRALinear(LoRALinear):
     (r x r), accumulated in fp32 and clamped at NORM_EPS before the square root.
 
     With g = m / ||V|| (fp32) the output is y = g * base + dropout(x) A^T (diag(g) s B)^T with
-    base = x W0^T: the matmul applies g as it writes the output (oneDNN on the CPU in bf16) or one
-    pass over the output does, then one addmm; or g is folded into the dequantization of W0 when
-    the norm needs no dense W0 (see AdapterFunction). When g = 1 and B = 0 the output equals the
-    NF4 base output bit for bit.
+    base = x W0^T, in one pass over the output and one addmm, or with g folded into the dequantization
+    of W0 when the norm needs no dense W0 (see AdapterFunction); when g = 1 and B = 0 the output
+    equals the NF4 base output bit for bit.
 
     norm_mode="detached" (default, paper section 4.3) treats ||V|| as a constant in backward: the
     gradient reaches A and B only through the numerator. The norm then changes only when A or B

@@ -6,10 +6,9 @@ weights and outputs are bf16, whose unit roundoff is 2^-8 ~ 4e-3, and errors add
 
 import pytest
 import torch
-from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from qdora.adapter_function import column_dots, fuses_column_scale, linear_scaled, scale_columns
+from qdora.adapter_function import column_dots, scale_columns
 from qdora.dora import NORM_EPS, DoRALinear, LoRALinear, _stamp, invalidate_norm_caches
 from qdora.nf4 import NF4Weight
 
@@ -504,60 +503,6 @@ def test_scale_columns_is_one_rounding_of_the_float32_product(dtype):
     assert torch.equal(out[..., :4], y[..., :4])  # g = 1 leaves the output bit for bit
 
 
-FUSED = pytest.mark.skipif(not fuses_column_scale(torch.empty(0, dtype=torch.bfloat16)),
-                           reason="no oneDNN bfloat16 here: the layers use scale_columns")
-
-
-@FUSED
-def test_linear_scaled_rounds_the_scaled_float32_sum_once():
-    """x W^T * g from oneDNN's multiply post-op, on awkward shapes: within half a bf16 ulp of the
-    float64 result plus float32's accumulation error (scale_columns after F.linear rounds twice),
-    and g = 1 leaves F.linear's output bit for bit."""
-    x = torch.randn(3, 5, 67, dtype=torch.bfloat16)
-    w = torch.randn(37, 67, dtype=torch.bfloat16)
-    g = (torch.rand(37) * 3).to(torch.bfloat16)
-    g[:4] = 1.0
-    out = linear_scaled(x, w, g)
-    assert out.dtype == torch.bfloat16 and out.shape == (3, 5, 37)
-    exact = x.double() @ w.double().T * g.double()
-    magnitude = x.double().abs() @ w.double().abs().T * g.double()
-    bound = 2 ** -8 * exact.abs() + 67 * 2 ** -24 * magnitude
-    assert ((out.double() - exact).abs() <= bound).all()
-    assert torch.equal(out[..., :4], F.linear(x, w)[..., :4])
-
-
-@FUSED
-def test_magnitude_gradient_divides_by_the_g_the_output_used():
-    """bf16 compute, float32 m: where the layer rounds g to bf16 for oneDNN, dL/dm divides the
-    output by that g (times ||V||), not by m / ||V||, which would leave that rounding, up to 2^-9
-    of a whole column's gradient. Over 4096 tokens the output's own rounding averages out, so the
-    gradient is within 5e-4 of the fp64 sum_t grad * y / ||V|| (y = x W0^T with the layer's bf16
-    W0; measured 8e-5, and 3e-3 when divided by m)."""
-    layer = make(DoRALinear, 24, 64, 4, torch.float32)
-    with torch.no_grad():
-        layer.lora_B.zero_()  # V = W0: no rounding of diag(g) s B in the output
-    x = torch.randn(4096, 64).to(torch.bfloat16)
-    y = layer(x)
-    y.backward(y.detach())
-    w0 = layer.weight.dequantize(torch.bfloat16).double()
-    norm = layer.weight.dequantize(torch.float32).double().norm(dim=1)
-    expected = (y.detach().double() * (x.double() @ w0.T)).sum(0) / norm
-    assert ((layer.magnitude.grad.double() - expected).abs() <= 5e-4 * expected.abs()).all()
-
-
-@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")  # torch's own, from flags()
-def test_onednn_switched_off_takes_the_separate_pass():
-    """torch.backends.mkldnn.flags(enabled=False) is honoured: the layer then applies g in its own
-    pass (scale_columns), and both routes agree with the fp64 formula."""
-    layer = make(DoRALinear, 24, 64, 4, torch.bfloat16)
-    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
-    with torch.backends.mkldnn.flags(enabled=False):
-        assert not fuses_column_scale(x)
-        check(layer, x)
-    layer.zero_grad()
-    check(layer, x)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_scale_columns_adds_the_shift_in_the_same_rounding(dtype):
     """y * g + shift rounded once to dtype from float32: within half an ulp of the float64 result
@@ -590,7 +535,7 @@ def test_column_dots_match_float64(dtype, shift):
 
 
 @pytest.mark.parametrize("cls,rank", [(DoRALinear, 4), (DoRALinear, 0), (LoRALinear, 4)])
-@pytest.mark.parametrize("bias", [True, False])  # without bias, QDoRA takes oneDNN's fused matmul on the CPU
+@pytest.mark.parametrize("bias", [True, False])
 def test_no_tokens(cls, rank, bias):
     """A layer that gets no tokens (an empty batch, an idle expert): empty output, zero gradients."""
     layer = make(cls, 8, 64, rank, torch.bfloat16, bias=torch.randn(8) if bias else None)
