@@ -112,6 +112,23 @@ class LoRALinear(nn.Module):
         else:
             self.lora_A = self.lora_B = None
 
+    def __setattr__(self, name: str, value) -> None:
+        # A replacement NF4 base must fit the adapter; DoRALinear then recomputes what it derives
+        # from W0 (_weight_replaced).
+        replacing = name == "weight" and "weight" in self._modules
+        if replacing and not (isinstance(value, NF4Weight)
+                              and (value.out_features, value.in_features) == (self.out_features, self.in_features)):
+            got = (f"NF4Weight of shape ({value.out_features}, {value.in_features})"
+                   if isinstance(value, NF4Weight) else type(value).__name__)
+            raise ValueError(f"{type(self).__name__}.weight must be an NF4Weight of shape "
+                             f"({self.out_features}, {self.in_features}), got {got}")
+        super().__setattr__(name, value)
+        if replacing:
+            self._weight_replaced()
+
+    def _weight_replaced(self) -> None:
+        """Called after `layer.weight = other NF4Weight`; QLoRA derives nothing from W0."""
+
     def _lora(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """dropout(x) A^T B^T in `dtype` (without the scale s)."""
         return (self.dropout(x) @ self.lora_A.to(dtype).T) @ self.lora_B.to(dtype).T
@@ -213,10 +230,23 @@ class DoRALinear(LoRALinear):
         own row scales and ||W0||^2, which are not in any state dict. Under FSDP2 the bytes are
         row shards; there they must be the ones the model was built from."""
         loaded, self._loading_weight = self._loading_weight, False
-        if loaded and not hasattr(self.weight.packed, "to_local"):
-            with torch.no_grad():
-                self.row_scale.copy_(self.weight.row_scale())
-                self.w0_sq.copy_(self._w0_sq_norms())
+        if loaded:
+            self._refresh_constants()
+
+    def _weight_replaced(self) -> None:
+        # `layer.weight = other`: its row scales and ||W0||^2 replace the old ones; m is trained and
+        # stays as it is (at B = 0 the layer then applies m * W0_new / ||W0_new||).
+        self._drop_caches()
+        self._refresh_constants()
+
+    def _refresh_constants(self) -> None:
+        """row_scale and ||W0||^2 from the current NF4 bytes (no state dict carries them). Not for
+        FSDP2 row shards, which must be the bytes the model was built from."""
+        if hasattr(self.weight.packed, "to_local"):
+            return
+        with torch.no_grad():
+            self.row_scale.copy_(self.weight.row_scale())
+            self.w0_sq.copy_(self._w0_sq_norms())
 
     def _apply(self, fn, recurse: bool = True):
         # model.to(dtype) casts the adapters as asked but keeps the norm constants in float32.

@@ -324,6 +324,29 @@ def test_loading_other_nf4_bytes_brings_their_row_constants():
     check(layer, x)
 
 
+def test_assigning_another_nf4_weight_brings_its_row_constants():
+    """layer.weight = other NF4Weight (another quantization of the base, say) recomputes row_scale
+    and ||W0||^2: the layer then computes what a layer built on that
+    weight with the same m, A and B does, bit for bit (the old constants would give other rows'
+    norms). A weight of another shape, or not NF4, is refused with both shapes named."""
+    layer = make(DoRALinear, 16, 64, 4, torch.float32)
+    x = torch.randn(8, 64)
+    layer(x)
+    w = NF4Weight.quantize(torch.randn(16, 64) * 5)
+    built = DoRALinear(w, None, 4, alpha=8.0, dtype=torch.float32)
+    built.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("weight.")}, strict=False)
+    layer.weight = w
+    assert torch.equal(layer(x), built(x))
+    check(layer, x)
+    with pytest.raises(ValueError, match=r"NF4Weight of shape \(16, 64\), got NF4Weight of shape \(16, 128\)"):
+        layer.weight = NF4Weight.quantize(torch.randn(16, 128))
+    with pytest.raises(ValueError, match=r"got Parameter"):
+        layer.weight = torch.nn.Parameter(torch.randn(16, 64))
+    lora = make(LoRALinear, 16, 64, 4, torch.float32)
+    with pytest.raises(ValueError, match=r"LoRALinear.weight must be"):
+        lora.weight = NF4Weight.quantize(torch.randn(8, 64))
+
+
 def test_moving_the_layer_drops_its_caches():
     """model.to() sets param.data (same object, same version) or swaps tensors: the norm and the
     check are computed again, in the new dtype's layer as in a fresh one."""
