@@ -165,7 +165,7 @@ def dora_floor(args) -> None:
     bound. Our QDoRA steps in the same rotation, for comparison. CPU only: on CUDA our QDoRA takes
     the Triton norm and folds g into the dequantization, which this does not model."""
     from qdora.adapter_function import AdapterFunction, column_dots
-    from qdora.dora import LoRALinear
+    from qdora.dora import LoRALinear, _compute_dtype
 
     if args.device != "cpu":
         raise SystemExit("--floor models the CPU path; run it with --device cpu")
@@ -181,7 +181,7 @@ def dora_floor(args) -> None:
             if not on["floor"]:
                 return plain(x)
             pending[layer.weight] = layer.lora_A
-            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+            dtype = _compute_dtype(x)
             with torch.autocast("cpu", enabled=False):
                 x = x.to(dtype)
                 out = AdapterFunction.apply(x, layer.dropout(x), layer.lora_A, layer.lora_B, None, None, layer.one, None,
@@ -208,7 +208,7 @@ def dora_floor(args) -> None:
             layer.one = torch.ones(layer.out_features, device=args.device)
             layer.weight.dequantize = with_norm_mm(layer.weight, layer.weight.dequantize)
             layer.forward = floor_forward(layer)
-    step_qlora = step_fn(qlora, args)  # one model and optimizer; the hooks switch the passes on
+    step_qlora = step_fn(qlora, args)  # one model and optimizer; on["floor"] switches DoRA's work on
     steps = {"qlora": step_qlora, "qlora + DoRA's passes": step_qlora, "qdora": step_fn(qdora, args)}
     times = {name: [] for name in steps}
     names = list(steps)

@@ -326,9 +326,9 @@ def test_loading_other_nf4_bytes_brings_their_row_constants():
 
 def test_assigning_another_nf4_weight_brings_its_row_constants():
     """layer.weight = other NF4Weight (another quantization of the base, say) recomputes row_scale
-    and ||W0||^2: the layer then computes what a layer built on that
-    weight with the same m, A and B does, bit for bit (the old constants would give other rows'
-    norms). A weight of another shape, or not NF4, is refused with both shapes named."""
+    and ||W0||^2: the layer then computes what a layer built on that weight with the same m, A and
+    B does, bit for bit (the old constants would give other rows' norms). A weight of another
+    shape, or not NF4, is refused with both shapes named."""
     layer = make(DoRALinear, 16, 64, 4, torch.float32)
     x = torch.randn(8, 64)
     layer(x)
