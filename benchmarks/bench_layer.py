@@ -304,6 +304,11 @@ def main() -> None:
           f"{cmed['qdora'] / cmed['peft-qdora']:.3f}), peak memory {mem('qdora', 'peft-qdora', 'peak_mb'):.3f}")
     print(f"PEFT QDoRA / PEFT QLoRA: time {med['peft-qdora'] / med['peft-qlora']:.3f}; "
           f"ours QLoRA / PEFT QLoRA: time {med['qlora'] / med['peft-qlora']:.3f}")
+    if args.repeats >= 4:  # how far the machine's noise moves the ratio: the same ratio within each round
+        paired = [a / b for a, b in zip(times["qdora"], times["qlora"])]
+        q1, q2, q3 = statistics.quantiles(paired, n=4)
+        print(f"ours QDoRA / ours QLoRA within each round: median {q2:.3f}, quartiles {q1:.3f} to {q3:.3f}, "
+              f"{sum(r <= 1.10 for r in paired)} of {len(paired)} rounds <= 1.10")
 
 if __name__ == "__main__":
     main()
