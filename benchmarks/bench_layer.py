@@ -158,7 +158,7 @@ def dora_floor(args) -> None:
     unchanged:
       forward: W0 A^T on the dequantized weight (the norm's cross term), and applying g to the base
                output (here g = 1, through qdora.adapter_function's own route: one pass,
-               scale_columns, which with g = 1 changes no value but -0.0);
+               scale_columns_, which with g = 1 changes no value but -0.0);
       backward: g folded into the dequantization, and sum_t grad * out (the magnitude gradient,
                column_dots) at the end of the layer's backward.
     The norm's r x r arithmetic, g itself and the small-g check are left out, so the ratio is a lower
