@@ -8,6 +8,7 @@ import functools
 import torch
 from torch.nn import functional as F
 
+from .kernels import cpu_dora
 from .nf4 import NF4Weight
 
 
@@ -33,7 +34,9 @@ class AdapterFunction(torch.autograd.Function):
     into the NF4 block scales, so bitsandbytes dequantizes diag(g) W0 directly and the pass
     disappears (the matmul then adds the bias, as in QLoRA). The low-rank
     product is accumulated into the output by addmm with diag(g) s B (float32, rounded once), so
-    it is never a separate (tokens x out) tensor. Backward always folds g into the block scales,
+    it is never a separate (tokens x out) tensor. With `cpu_kernels` (bf16 on a CPU with
+    AVX512-BF16, kernels/cpu_dora.py) one kernel does both: g * base + bias + (A x) (diag(g) s B)^T
+    in a single pass, rounded once, and backward's column dots for dL/dm are its own kernel too. Backward always folds g into the block scales,
     so grad @ diag(g) W0 is one matmul, and the two input-gradient branches are summed by addmm.
     `dense` is W0 when the caller already dequantized it (for the norm) and `A_c` is A in the
     compute dtype. Saved: x (and x_d), A x, A_c, and for QDoRA the output and g; W0 is
@@ -48,7 +51,8 @@ class AdapterFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_drop, A, B, m, norm, g, rows, bias, weight: NF4Weight, scale: float,  # type: ignore[override]
-                dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None, fold: bool = False):
+                dense: torch.Tensor | None = None, A_c: torch.Tensor | None = None, fold: bool = False,
+                cpu_kernels: bool = False):
         dtype = x.dtype
         # The bias is added where the output is first written, rounded once with it: by the matmul
         # (QLoRA, folded g) or by QDoRA's pass that applies g.
@@ -56,18 +60,26 @@ class AdapterFunction(torch.autograd.Function):
             out = F.linear(x, _dequantize(weight, dtype, g), bias)
         else:
             w0 = weight.dequantize(dtype) if dense is None else dense
-            out = F.linear(x, w0, bias) if g is None else scale_columns_(F.linear(x, w0), g, bias)
+            if g is None:
+                out = F.linear(x, w0, bias)
+            elif cpu_kernels:
+                out = F.linear(x, w0)  # dora_apply_ below applies g, the bias and the low-rank term
+            else:
+                out = scale_columns_(F.linear(x, w0), g, bias)
         ax = Bs = row_factor = None
         if A is not None:
             row_factor = scale if g is None else (g * scale).unsqueeze(1)
             A_c = A.to(dtype) if A_c is None else A_c
             ax = F.linear(x_drop, A_c)
-            Bs = torch.mul(B.float(), row_factor, out=torch.empty_like(B, dtype=dtype))  # float32 product, rounded once
-            out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), Bs.T)
+            Bs = torch.mul(B.float(), row_factor, out=torch.empty(B.shape, dtype=dtype, device=B.device))  # float32 product, rounded once
+            if cpu_kernels:
+                cpu_dora.dora_apply_(out, g, None if bias is None else bias.float(), ax, Bs)
+            else:
+                out.view(-1, out.shape[-1]).addmm_(ax.reshape(-1, ax.shape[-1]), Bs.T)
             if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
                 A_c = None  # only the input gradient needs it
         ctx.weight, ctx.scale, ctx.drop_is_x, ctx.Bs, ctx.row_factor = weight, scale, x_drop is x, Bs, row_factor
-        ctx.rows = rows
+        ctx.rows, ctx.cpu_kernels = rows, cpu_kernels
         ctx.save_for_backward(x, x_drop, A, A_c, B, m, norm, bias, ax, None if m is None else out, g)
         return out
 
@@ -91,15 +103,21 @@ class AdapterFunction(torch.autograd.Function):
         if grad_x is not None:
             grad_x = grad_x.view(*lead, x.shape[-1])
         if m is not None and ctx.needs_input_grad[4]:
-            grad_m = _magnitude_grad(grad2, out, x, ax, B, m, norm, ctx.rows, bias, weight, scale)
-        return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None, None, None, None, None, None
+            grad_m = _magnitude_grad(grad2, out, x, ax, B, m, norm, ctx.rows, bias, weight, scale, ctx.cpu_kernels)
+        return grad_x, grad_xd, grad_A, grad_B, grad_m, None, None, None, None, None, None, None, None, None, None
 
 
-def _magnitude_grad(grad2, out, x, ax, B, m, norm, rows, bias, weight: NF4Weight, scale: float) -> torch.Tensor:
+def _magnitude_grad(grad2, out, x, ax, B, m, norm, rows, bias, weight: NF4Weight, scale: float,
+                    cpu_kernels: bool = False) -> torch.Tensor:
     """dL/dm = sum_t grad * y / ||V|| with y = (out - bias) / g, that is sum_t grad * (out - bias) / m
     (g ||V|| = m), its result rounded once to m's dtype. `rows` (|g| < G_RECOMPUTE, found in
     forward) are recomputed from x (see AdapterFunction)."""
-    grad_m = column_dots(grad2, out.reshape(-1, out.shape[-1]), bias).div_(m).to(m.dtype)
+    out2 = out.reshape(-1, out.shape[-1])
+    if cpu_kernels and grad2.is_contiguous() and grad2.dtype == out2.dtype:  # else the batch-norm route
+        dots = cpu_dora.column_dots(grad2, out2, None if bias is None else bias.float())
+    else:
+        dots = column_dots(grad2, out2, bias)
+    grad_m = dots.div_(m).to(m.dtype)
     if rows is not None:
         y = _recompute_rows(x, ax, B, weight, rows, scale)
         grad_m[rows] = ((grad2[:, rows].float() * y).sum(0) / norm[rows]).to(m.dtype)

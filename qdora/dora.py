@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .adapter_function import G_RECOMPUTE, AdapterFunction
+from .kernels import cpu_dora
 from .nf4 import NF4Weight, nf4_linear
 
 NORM_MODES = ("detached", "exact")
@@ -298,7 +299,7 @@ class DoRALinear(LoRALinear):
             from qdora.kernels.dora_norm import dora_row_norm
             norm = dora_row_norm(self.weight, self.w0_sq, A, B, self.scale, NORM_EPS, self.row_scale)
         else:
-            norm = self._norm_torch(A.float(), B.float(), dense, A_c)
+            norm = self._norm_torch(A, B, dense, A_c)
         inputs = self._norm_inputs()
         self._norm_cache = (_stamp(inputs, steps=self.rank > 0), inputs, norm)
         return norm
@@ -318,18 +319,22 @@ class DoRALinear(LoRALinear):
 
     def _norm_torch(self, A: torch.Tensor, B: torch.Tensor, dense: torch.Tensor | None = None,
                     A_c: torch.Tensor | None = None) -> torch.Tensor:
-        """Factored row norm in fp32 (A and B given in fp32). W0 @ A^T is one matmul on `dense` (W0 in
+        """Factored row norm in fp32, no graph. W0 @ A^T is one matmul on `dense` (W0 in
         the compute dtype, from this forward) when given: fp32 accumulation, each of the out x r
         results rounded once to that dtype (a relative 2^-9 on the cross term in bf16, ~3e-5 on the
         norm, far under bf16's own rounding). Otherwise it runs over float32 row chunks dequantized
-        from NF4, each small enough to stay in cache (never an out x in fp32 copy)."""
+        from NF4, each small enough to stay in cache (never an out x in fp32 copy). On the CPU the
+        rest is one call into kernels/cpu_dora.py when that library is built (same formula)."""
         if dense is not None:
             if A_c is None or A_c.dtype != dense.dtype:
                 A_c = A.to(dense.dtype)
-            wa = F.linear(dense, A_c).float()
+            wa = F.linear(dense, A_c)
         else:
-            wa = torch.cat([w @ A.T for _, w in self.weight.row_chunks(chunk_elems=NORM_CHUNK_ELEMS)])
-        return self._norm_from_wa(wa, A, B)
+            Af = A.float()
+            wa = torch.cat([w @ Af.T for _, w in self.weight.row_chunks(chunk_elems=NORM_CHUNK_ELEMS)])
+        if wa.device.type == "cpu" and cpu_dora.norm_available():
+            return cpu_dora.row_norm(wa, A, B, self.w0_sq, self.row_scale, self.scale, NORM_EPS)
+        return self._norm_from_wa(wa.float(), A.float(), B.float())
 
     def _norm_from_wa(self, wa: torch.Tensor | None, A: torch.Tensor | None, B: torch.Tensor | None) -> torch.Tensor:
         """c * sqrt(max(||W0/c||^2 + (s/c) (B/c).(2 W0 A^T + s B A A^T), eps)), c = row_scale: the
@@ -360,6 +365,8 @@ class DoRALinear(LoRALinear):
             # W0 dequantized, so g is folded into the output's dequantization. The choice does not
             # depend on the cache, so a checkpoint's recomputation repeats the forward bit for bit.
             fold = not self.rank or _use_triton(x.device)
+            cpu_kernels = (not fold and dtype == torch.bfloat16 and x.device.type == "cpu"
+                           and cpu_dora.available())
             with torch.no_grad():  # one block for all of the norm's work (A_c too needs no graph)
                 norm = self._cached_norm()
                 fresh = norm is None
@@ -371,7 +378,7 @@ class DoRALinear(LoRALinear):
                     norm = self._compute_norm(dense, A_c)  # _gain repairs it
                 g, rows = self._gain(norm, repair=fresh)
             return AdapterFunction.apply(x, x_drop, self.lora_A, self.lora_B, self.magnitude, norm, g, rows,
-                                          self._bias(dtype), self.weight, self.scale, dense, A_c, fold)
+                                          self._bias(dtype), self.weight, self.scale, dense, A_c, fold, cpu_kernels)
 
     def _gain(self, norm: torch.Tensor, repair: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """g = m / ||V|| (float32, no graph) and the rows with |g| < G_RECOMPUTE (None when there are

@@ -82,12 +82,18 @@ def test_two_ranks_match_one_rank(rows, tmp_path, method, extra):
     assert worst < 3e-3
     wa, wb = merged_weights(one), merged_weights(two)
     assert set(wa) == set(wb) and len(wa) == 35
-    for name in wa:  # relative Frobenius error: Adam magnifies summation-order noise on tiny gradients
-        assert float((wb[name] - wa[name]).norm() / wa[name].norm()) < 3e-4, name  # 5e-5 here, 1.3e-4 on AVX2
+    # Relative Frobenius error: Adam magnifies summation-order noise on tiny gradients, and how much
+    # depends on the last bits of every rounding: 3.7e-5 here with the PyTorch norm, 5.8e-6 with that
+    # norm times (1 + 2^-22), 1.7e-4 with the CPU kernels' norm (same formula, other rounding),
+    # 1.3e-4 on AVX2.
+    merged_tol = 3e-4
+    for name in wa:
+        assert float((wb[name] - wa[name]).norm() / wa[name].norm()) < merged_tol, name
     assert any(float(l.lora_B.detach().abs().sum()) > 0 for l in adapter_layers(load_run(str(two))[0]).values())
     if extra:
         return
-    # Export (issue 4) from the 2-rank run's checkpoint equals export from the 1-rank run.
+    # Export (issue 4) from the 2-rank run's checkpoint writes that run's merged weights, and so
+    # equals export from the 1-rank run as closely as the merged weights do.
     from transformers import AutoModelForCausalLM
     exported = []
     for run in (one, two):
@@ -96,7 +102,9 @@ def test_two_ranks_match_one_rank(rows, tmp_path, method, extra):
     ea, eb = exported
     assert ea.keys() == eb.keys()
     for name in ea:
-        assert float((eb[name] - ea[name]).norm() / ea[name].norm()) < 1e-4, name
+        assert float((eb[name] - ea[name]).norm() / ea[name].norm()) < merged_tol, name
+    for name, w in wb.items():
+        torch.testing.assert_close(eb[f"{name}.weight"], w, rtol=1e-6, atol=0)
 
 
 SHARD_WORKER = textwrap.dedent("""
