@@ -157,15 +157,17 @@ def dora_floor(args) -> None:
     stepped with and without the work that DoRA's formula needs and QLoRA's does not, results
     unchanged:
       forward: W0 A^T on the dequantized weight (the norm's cross term), and applying g to the base
-               output (here g = 1, through qdora.adapter_function's own route: one pass,
-               scale_columns_, which with g = 1 changes no value but -0.0);
+               output (here g = 1, through qdora.adapter_function's own route: the CPU kernel
+               dora_apply_ in bf16 where it runs, else the batch-norm pass scale_columns_; with
+               g = 1 either changes no value but -0.0);
       backward: g folded into the dequantization, and sum_t grad * out (the magnitude gradient,
-               column_dots) at the end of the layer's backward.
+               the same route's column dots) at the end of the layer's backward.
     The norm's r x r arithmetic, g itself and the small-g check are left out, so the ratio is a lower
     bound. Our QDoRA steps in the same rotation, for comparison. CPU only: on CUDA our QDoRA takes
     the Triton norm and folds g into the dequantization, which this does not model."""
     from qdora.adapter_function import AdapterFunction, column_dots
     from qdora.dora import LoRALinear, _compute_dtype
+    from qdora.kernels import cpu_dora
 
     if args.device != "cpu":
         raise SystemExit("--floor models the CPU path; run it with --device cpu")
@@ -184,12 +186,14 @@ def dora_floor(args) -> None:
             dtype = _compute_dtype(x)
             with torch.autocast("cpu", enabled=False):
                 x = x.to(dtype)
+                kernels = dtype == torch.bfloat16 and cpu_dora.available()
                 out = AdapterFunction.apply(x, layer.dropout(x), layer.lora_A, layer.lora_B, None, None, layer.one, None,
-                                            layer._bias(dtype), layer.weight, layer.scale)
+                                            layer._bias(dtype), layer.weight, layer.scale, None, None, False, kernels)
             saved = out.detach().reshape(-1, out.shape[-1])
+            dots = cpu_dora.column_dots if kernels else column_dots
 
             def magnitude_grad(grad_in, grad_out) -> None:  # runs right after the layer's backward
-                column_dots(grad_out[0].reshape(saved.shape), saved)
+                dots(grad_out[0].reshape(saved.shape).contiguous(), saved)
             out.grad_fn.register_hook(magnitude_grad)
             return out
         return forward

@@ -40,13 +40,15 @@ bool supported() {
 
 void check_bf16_2d(const at::Tensor& t, const char* name, int64_t cols) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kBFloat16 && t.is_contiguous(),
-              name, " must be a contiguous bfloat16 CPU tensor, got ", t.scalar_type(), " on ", t.device());
+              name, " must be a contiguous bfloat16 CPU tensor, got ", t.scalar_type(), " on ", t.device(),
+              " with strides ", t.strides(), " for shape ", t.sizes());
   TORCH_CHECK(t.dim() >= 1 && t.size(-1) == cols, name, " must have ", cols, " columns, got shape ", t.sizes());
 }
 
 void check_f32_vec(const at::Tensor& t, const char* name, int64_t n) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 1 && t.size(0) == n,
-              name, " must be a contiguous float32 CPU vector of ", n, " values, got ", t.scalar_type(), " ", t.sizes());
+              name, " must be a contiguous float32 CPU vector of ", n, " values, got ", t.scalar_type(), " on ",
+              t.device(), " of shape ", t.sizes(), " and strides ", t.strides());
 }
 
 #if defined(__x86_64__)
@@ -59,8 +61,9 @@ QDORA_AVX512 inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-// float32 -> bfloat16, round to nearest even, NaN to 0x7FC0: PyTorch's rounding (c10's
-// round_to_nearest_even), bit for bit. The hardware's VCVTNEPS2BF16 flushes subnormals to zero.
+// float32 -> bfloat16, round to nearest even: PyTorch's rounding (c10's round_to_nearest_even), bit
+// for bit but for NaN's payload (0x7FC0 here and there; PyTorch's vectorized casts give 0xFFFF).
+// The hardware's VCVTNEPS2BF16 would flush subnormals to zero.
 QDORA_AVX512 inline __m256i round_bf16(__m512 v) {
   const __m512i b = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
@@ -153,7 +156,7 @@ QDORA_AVX512 void apply_rows(uint16_t* y, const float* g, const float* bias, con
   }
 }
 
-// Rows [i0, i1) of column_dots into acc (N floats, this thread's): sums over blocks of rows first,
+// Rows [i0, i1) of column_dots into acc (N floats, this chunk's): sums over blocks of rows first,
 // so that a long run of tokens is not one long float32 chain.
 QDORA_AVX512 void dot_rows(const uint16_t* a, const uint16_t* b, const float* shift, float* acc, float* block,
                            int64_t N, int64_t i0, int64_t i1) {
@@ -230,22 +233,27 @@ at::Tensor column_dots(const at::Tensor& a, const at::Tensor& b, const std::opti
   float* op = out.data_ptr<float>();
   std::fill(op, op + N, 0.f);
 #if defined(__x86_64__)
-  const int64_t threads = at::get_num_threads();
-  std::vector<float> partial(threads * N * 2, 0.f);  // per thread: its sums, then a block buffer
+  // Fixed chunks of rows, each with its own sums, added in chunk order: the result does not depend
+  // on the number of threads (at most 64 chunks, so the buffers stay small for long batches).
+  const int64_t rows = std::max<int64_t>(256, (M + 63) / 64), chunks = (M + rows - 1) / rows;
+  std::vector<float> partial(chunks * N * 2, 0.f);  // per chunk: its sums, then a block buffer
   const uint16_t* ap = reinterpret_cast<const uint16_t*>(a.data_ptr());
   const uint16_t* bp = reinterpret_cast<const uint16_t*>(b.data_ptr());
-  at::parallel_for(0, M, 16, [&](int64_t i0, int64_t i1) {
-    float* acc = partial.data() + at::get_thread_num() * N * 2;
-    dot_rows(ap, bp, sp, acc, acc + N, N, i0, i1);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      float* acc = partial.data() + c * N * 2;
+      dot_rows(ap, bp, sp, acc, acc + N, N, c * rows, std::min(M, (c + 1) * rows));
+    }
   });
-  for (int64_t t = 0; t < threads; ++t)
-    for (int64_t j = 0; j < N; ++j) op[j] += partial[t * N * 2 + j];
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t j = 0; j < N; ++j) op[j] += partial[c * N * 2 + j];
 #endif
   return out;
 }
 
 at::Tensor dora_norm(const at::Tensor& wa, const at::Tensor& A, const at::Tensor& B, const at::Tensor& w0_sq,
                      const at::Tensor& c, double scale, double eps) {
+  TORCH_CHECK(B.dim() == 2, "dora_norm: B must be (out x r), got shape ", B.sizes());
   const int64_t N = B.size(0), r = B.size(1);
   TORCH_CHECK(A.dim() == 2 && A.size(0) == r && wa.dim() == 2 && wa.size(0) == N && wa.size(1) == r,
               "dora_norm: A must be (r x in) and W0 A^T (out x r) for B ", B.sizes(), ", got ", A.sizes(), " and ", wa.sizes());

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -35,13 +37,17 @@ def _library():
     cannot be built here."""
     try:
         from torch.utils.cpp_extension import load
-        load(name="qdora_cpu", sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp"],
-             is_python_module=False, verbose=False)
-    except Exception as exc:  # no compiler, no ninja, no headers: the PyTorch path still works
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        warnings.warn(f"qdora: could not build its CPU kernels ({first}); using the slower PyTorch path. "
-                      "Install a C++ compiler and `pip install ninja`, or set QDORA_KERNELS=torch to "
-                      "silence this.", RuntimeWarning, stacklevel=3)
+        # Named for the torch build too: a library built against another torch must not be loaded.
+        load(name="qdora_cpu_" + re.sub(r"\W", "_", torch.__version__), sources=[str(SOURCE)],
+             extra_cflags=["-O3", "-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as exc:  # no compiler, no ninja, a compile error: the PyTorch path still works
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        reason = next((line.strip() for line in lines if "error:" in line), lines[0])[:300]
+        tools = shutil.which(os.environ.get("CXX", "c++")) and shutil.which("ninja")
+        fix = ("set QDORA_KERNELS=torch to silence this" if tools else
+               "install a C++ compiler and `pip install ninja`, or set QDORA_KERNELS=torch to silence this")
+        warnings.warn(f"qdora: could not build its CPU kernels ({reason}); using the slower PyTorch path: {fix}.",
+                      RuntimeWarning, stacklevel=3)
         return None
     return torch.ops.qdora_cpu
 

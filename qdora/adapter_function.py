@@ -32,12 +32,12 @@ class AdapterFunction(torch.autograd.Function):
     (scale_columns_: float32 arithmetic rounded once, so g = 1 leaves it as it was). With `fold`
     (the norm was computed without dequantizing W0: Triton, or magnitude-only) g is instead folded
     into the NF4 block scales, so bitsandbytes dequantizes diag(g) W0 directly and the pass
-    disappears (the matmul then adds the bias, as in QLoRA). The low-rank
-    product is accumulated into the output by addmm with diag(g) s B (float32, rounded once), so
-    it is never a separate (tokens x out) tensor. With `cpu_kernels` (bf16 on a CPU with
-    AVX512-BF16, kernels/cpu_dora.py) one kernel does both: g * base + bias + (A x) (diag(g) s B)^T
-    in a single pass, rounded once, and backward's column dots for dL/dm are its own kernel too. Backward always folds g into the block scales,
-    so grad @ diag(g) W0 is one matmul, and the two input-gradient branches are summed by addmm.
+    disappears (the matmul then adds the bias, as in QLoRA). The low-rank product is accumulated
+    into the output by addmm with diag(g) s B (float32, rounded once), so it is never a separate
+    (tokens x out) tensor. With `cpu_kernels` (bf16 on a CPU with AVX512-BF16, kernels/cpu_dora.py)
+    one pass does both, g * base + bias + (A x) (diag(g) s B)^T rounded once, and backward's column
+    dots for dL/dm are one kernel too. Backward always folds g into the block scales, so
+    grad @ diag(g) W0 is one matmul, and the two input-gradient branches are summed by addmm.
     `dense` is W0 when the caller already dequantized it (for the norm) and `A_c` is A in the
     compute dtype. Saved: x (and x_d), A x, A_c, and for QDoRA the output and g; W0 is
     dequantized again in backward, never kept.
@@ -71,7 +71,8 @@ class AdapterFunction(torch.autograd.Function):
             row_factor = scale if g is None else (g * scale).unsqueeze(1)
             A_c = A.to(dtype) if A_c is None else A_c
             ax = F.linear(x_drop, A_c)
-            Bs = torch.mul(B.float(), row_factor, out=torch.empty(B.shape, dtype=dtype, device=B.device))  # float32 product, rounded once
+            # float32 product, rounded once (contiguous whatever B's strides: the CPU kernel needs it)
+            Bs = torch.mul(B.float(), row_factor, out=torch.empty(B.shape, dtype=dtype, device=B.device))
             if cpu_kernels:
                 cpu_dora.dora_apply_(out, g, None if bias is None else bias.float(), ax, Bs)
             else:
