@@ -37,9 +37,11 @@ def _library():
     cannot be built here."""
     try:
         from torch.utils.cpp_extension import load
+        # at::parallel_for is inlined here: with torch's OpenMP build it needs -fopenmp to run in parallel
+        openmp = ["-fopenmp"] if torch.backends.openmp.is_available() else []
         # Named for the torch build too: a library built against another torch must not be loaded.
         load(name="qdora_cpu_" + re.sub(r"\W", "_", torch.__version__), sources=[str(SOURCE)],
-             extra_cflags=["-O3", "-fopenmp"], is_python_module=False, verbose=False)
+             extra_cflags=["-O3", *openmp], is_python_module=False, verbose=False)
     except Exception as exc:  # no compiler, no ninja, a compile error: the PyTorch path still works
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         reason = next((line.strip() for line in lines if "error:" in line), lines[0])[:300]

@@ -25,11 +25,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "train.py")
 
 
+# A rank of a gloo job on this machine sometimes aborts in a native thread with this message and no
+# Python frame (3 of about 120 runs of one test in session 11, the jobs otherwise unchanged; the class
+# of upstream race in pytorch/pytorch#65231 and #90549). Such a run is repeated once.
+GLOO_ABORT = "terminate called without an active exception"
+
+
 def torchrun(args: list[str], cwd, timeout: int = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and GLOO_ABORT in proc.stderr:
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc.stderr += f"\n[this was a second attempt: the first aborted with {GLOO_ABORT!r}]"
+    return proc
 
 
 @pytest.fixture(scope="module")
