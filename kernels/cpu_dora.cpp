@@ -51,6 +51,16 @@ void check_f32_vec(const at::Tensor& t, const char* name, int64_t n) {
               t.device(), " of shape ", t.sizes(), " and strides ", t.strides());
 }
 
+// The optional float32 vector's data (checked), or n zeros held by `zeros`.
+const float* vec_or_zeros(const std::optional<at::Tensor>& t, const char* name, int64_t n, std::vector<float>& zeros) {
+  if (t.has_value()) {
+    check_f32_vec(*t, name, n);
+    return t->data_ptr<float>();
+  }
+  zeros.assign(n, 0.f);
+  return zeros.data();
+}
+
 #if defined(__x86_64__)
 
 QDORA_AVX512 inline __m512 load_bf16(const uint16_t* p) {
@@ -190,14 +200,7 @@ at::Tensor dora_apply_(at::Tensor y, const at::Tensor& g, const std::optional<at
               ax.sizes(), " and ", Bs.sizes(), " for y ", y.sizes());
   check_f32_vec(g, "g", N);
   std::vector<float> zeros;
-  const float* bp = nullptr;
-  if (bias.has_value()) {
-    check_f32_vec(*bias, "bias", N);
-    bp = bias->data_ptr<float>();
-  } else {
-    zeros.assign(N, 0.f);
-    bp = zeros.data();
-  }
+  const float* bp = vec_or_zeros(bias, "bias", N, zeros);
   if (M == 0 || N == 0) return y;
 #if defined(__x86_64__)
   const int64_t r2 = (r + 1) / 2;
@@ -221,14 +224,7 @@ at::Tensor column_dots(const at::Tensor& a, const at::Tensor& b, const std::opti
   check_bf16_2d(b, "b", N);
   TORCH_CHECK(b.numel() == a.numel(), "a and b must have the same shape, got ", a.sizes(), " and ", b.sizes());
   std::vector<float> zeros;
-  const float* sp = nullptr;
-  if (shift.has_value()) {
-    check_f32_vec(*shift, "shift", N);
-    sp = shift->data_ptr<float>();
-  } else {
-    zeros.assign(N, 0.f);
-    sp = zeros.data();
-  }
+  const float* sp = vec_or_zeros(shift, "shift", N, zeros);
   at::Tensor out = at::empty({N}, a.options().dtype(at::kFloat));
   float* op = out.data_ptr<float>();
   std::fill(op, op + N, 0.f);
