@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import distributed as D
-from .dora import invalidate_norm_caches
+from .norm_cache import invalidate_norm_caches
 from .model import AdapterConfig, load_model, load_tokenizer, prepare_model
 from .outdir import TMP, publish
 

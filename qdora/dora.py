@@ -8,11 +8,12 @@ import os
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from . import norm_cache
 from .adapter_function import G_RECOMPUTE, AdapterFunction
 from .kernels import cpu_dora
 from .nf4 import NF4Weight, nf4_linear
+from .norm_cache import cache_hit, stamp
 
 NORM_MODES = ("detached", "exact")
 KERNEL_BACKENDS = ("auto", "torch", "triton")
@@ -21,28 +22,10 @@ KERNEL_BACKENDS = ("auto", "torch", "triton")
 NORM_EPS = 1e-12
 # Row chunk of W0 dequantized to float32 for W0 @ A^T on the PyTorch path (1 MiB: few calls, in cache).
 NORM_CHUNK_ELEMS = 1 << 18
+# Public here, where DoRALinear's caches live (see qdora.norm_cache).
+invalidate_norm_caches = norm_cache.invalidate_norm_caches
 
 
-_optimizer_steps = 0
-
-
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    global _optimizer_steps
-    _optimizer_steps += 1
-
-
-def invalidate_norm_caches() -> None:
-    """Make every DoRALinear recompute its norm and its check on g at the next forward, for writes
-    to A, B or m that the caches cannot see (see _stamp): in-place writes through `.data`
-    (`p.data.copy_(t)`), and under FSDP2 in-place edits of the sharded parameters outside an
-    optimizer step (the all-gather refills the same unsharded parameters without a version bump).
-    load_state_dict drops a DoRALinear's caches itself; qdora's checkpoint loading calls this."""
-    _count_optimizer_step(None, None, None)
-
-
-# Fused AdamW updates parameters without bumping their version counters, so the norm cache is also
-# keyed on a process-wide count of optimizer steps (any torch.optim optimizer).
-register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def kernel_backend() -> str:
@@ -63,24 +46,6 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
-
-
-def _stamp(tensors: tuple[torch.Tensor, ...], steps: bool) -> tuple:
-    """What a cached value computed from `tensors` depends on, besides the tensors themselves: the
-    optimizer-step count (fused AdamW bumps no version counter) when `steps`, and each tensor's
-    version counter (in-place edits, load_state_dict) and storage object. FSDP2 refills the same
-    storage before every forward, resized in place at a new address, so addresses are not used;
-    `.data = t` brings another storage. The caches keep the tensors themselves too (compared by
-    identity, and kept alive so that no other tensor can take their place): a replaced Parameter
-    or torch.func.functional_call's tensors are other objects."""
-    return (_optimizer_steps if steps else None,  # inference tensors keep no version (nor change outside it)
-            *((None if t.is_inference() else t._version, t.untyped_storage()._cdata) for t in tensors))
-
-
-def _cache_hit(cache: tuple | None, tensors: tuple[torch.Tensor, ...], steps: bool) -> bool:
-    """Whether `cache` = (stamp, tensors, value...) was made from these very, unchanged tensors."""
-    return (cache is not None and len(cache[1]) == len(tensors) and all(a is b for a, b in zip(cache[1], tensors))
-            and cache[0] == _stamp(tensors, steps))
 
 
 class LoRALinear(nn.Module):
@@ -187,7 +152,7 @@ class DoRALinear(LoRALinear):
     change, so it is computed once per optimizer step and reused by every gradient-accumulation
     micro-step and activation-checkpoint recomputation, as is the check on g = m / ||V|| (cached
     for the very A, B and m tensors, their storage and version counters, and the optimizer-step
-    count: see _stamp; in-place writes through `.data` need invalidate_norm_caches).
+    count: see qdora.norm_cache.stamp; in-place writes through `.data` need invalidate_norm_caches).
     norm_mode="exact" differentiates through the norm as well (paper eq. 6).
     rank=0 gives a magnitude-only module (V = W0, only m trains; the paper's Table 6 mixes these);
     its norm is a constant, computed once.
@@ -205,7 +170,7 @@ class DoRALinear(LoRALinear):
         self.register_buffer("row_scale", weight.row_scale(), persistent=False)
         self.register_buffer("w0_sq", self._w0_sq_norms(), persistent=False)
         self.magnitude = nn.Parameter(self._norm_from_wa(None, None, None).to(dtype))
-        # (stamp, inputs, norm) and (stamp, (m, norm), rows): see _stamp, _cached_norm and _gain.
+        # (stamp, inputs, norm) and (stamp, (m, norm), rows): see norm_cache.stamp, _cached_norm, _gain.
         self._norm_cache: tuple | None = None
         self._rows_cache: tuple | None = None
         self._loading_weight = False
@@ -273,7 +238,7 @@ class DoRALinear(LoRALinear):
         """The detached norm if A and B are unchanged since it was computed, else None (also when it
         was computed under torch.inference_mode and this forward is not: autograd cannot save it)."""
         cache = self._norm_cache
-        if not _cache_hit(cache, self._norm_inputs(), steps=self.rank > 0):
+        if not cache_hit(cache, self._norm_inputs(), steps=self.rank > 0):
             return None
         norm = cache[2]
         return None if norm.is_inference() and not torch.is_inference_mode_enabled() else norm
@@ -301,7 +266,7 @@ class DoRALinear(LoRALinear):
         else:
             norm = self._norm_torch(A, B, dense, A_c)
         inputs = self._norm_inputs()
-        self._norm_cache = (_stamp(inputs, steps=self.rank > 0), inputs, norm)
+        self._norm_cache = (stamp(inputs, steps=self.rank > 0), inputs, norm)
         return norm
 
     @torch.no_grad()
@@ -390,10 +355,10 @@ class DoRALinear(LoRALinear):
         the norm change: gradient-accumulation micro-steps and activation-checkpoint recomputation
         reuse it, and only the first forward after an optimizer step waits for it (under FSDP2 too:
         its all-gathers refill the same parameters). It is kept for this m and this norm tensor,
-        stamped as the norm is (_stamp). Called under torch.no_grad() (by forward)."""
+        stamped as the norm is (qdora.norm_cache.stamp). Called under torch.no_grad() (by forward)."""
         g = torch.div(self.magnitude, norm)
         inputs = (self.magnitude, norm)
-        if not repair and _cache_hit(self._rows_cache, inputs, steps=True):
+        if not repair and cache_hit(self._rows_cache, inputs, steps=True):
             return g, self._rows_cache[2]
         rows = None
         if not torch.amin(g).item() >= G_RECOMPUTE:  # NaN fails it too
@@ -401,7 +366,7 @@ class DoRALinear(LoRALinear):
                 g = torch.div(self.magnitude, norm)
             rows = (g.abs() < G_RECOMPUTE).nonzero().squeeze(1)
             rows = rows if rows.numel() else None
-        self._rows_cache = (_stamp(inputs, steps=True), inputs, rows)
+        self._rows_cache = (stamp(inputs, steps=True), inputs, rows)
         return g, rows
 
     def _forward_exact(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

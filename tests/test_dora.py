@@ -9,7 +9,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from qdora.adapter_function import column_dots, scale_columns_
-from qdora.dora import NORM_EPS, DoRALinear, LoRALinear, _stamp, invalidate_norm_caches
+from qdora.dora import NORM_EPS, DoRALinear, LoRALinear, invalidate_norm_caches
+from qdora.norm_cache import stamp as _stamp
 from qdora.nf4 import NF4Weight
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
