@@ -27,16 +27,17 @@ LAUNCH = os.path.join(ROOT, "launch", "train.py")
 
 # A rank of a gloo job on this machine sometimes aborts in a native thread with this message and no
 # Python frame (3 of about 120 runs of one test in session 11, the jobs otherwise unchanged; the class
-# of upstream race in pytorch/pytorch#65231 and #90549). Such a run is repeated once.
+# of upstream race in pytorch/pytorch#65231 and #90549). Such a run is repeated once, unless a rank
+# is meant to die (its peers' teardown may abort the same way).
 GLOO_ABORT = "terminate called without an active exception"
 
 
-def torchrun(args: list[str], cwd, timeout: int = 240) -> subprocess.CompletedProcess:
+def torchrun(args: list[str], cwd, timeout: int = 240, retry: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
     env.pop("WORLD_SIZE", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0 and GLOO_ABORT in proc.stderr:
+    if retry and proc.returncode != 0 and GLOO_ABORT in proc.stderr:
         proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
         proc.stderr += f"\n[this was a second attempt: the first aborted with {GLOO_ABORT!r}]"
     return proc
@@ -286,7 +287,7 @@ def test_rank_death_fails_the_job_and_resume_continues(rows, tmp_path):
     assert main(["train", *flags(rows, one, "qdora", 8, ["--save_every=3"])]) == 0
     script = tmp_path / "dying.py"
     script.write_text(DYING_WORKER)
-    proc = torchrun([str(script), *flags(rows, two, "qdora", 8, ["--save_every=3"])], tmp_path)
+    proc = torchrun([str(script), *flags(rows, two, "qdora", 8, ["--save_every=3"])], tmp_path, retry=False)
     assert proc.returncode != 0
     assert "simulated crash" in proc.stderr and "exitcode  : 7" in proc.stderr and "rank      : 1" in proc.stderr
     # The last complete checkpoint is intact and loads as an adapter; nothing half-written is visible.
