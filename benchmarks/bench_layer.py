@@ -166,7 +166,7 @@ def dora_floor(args) -> None:
     bound. Our QDoRA steps in the same rotation, for comparison. CPU only: on CUDA our QDoRA takes
     the Triton norm and folds g into the dequantization, which this does not model."""
     from qdora.adapter_function import AdapterFunction, column_dots
-    from qdora.dora import LoRALinear, _compute_dtype
+    from qdora.dora import LoRALinear, _compute_dtype, _use_cpu_kernels
     from qdora.kernels import cpu_dora
 
     if args.device != "cpu":
@@ -186,7 +186,7 @@ def dora_floor(args) -> None:
             dtype = _compute_dtype(x)
             with torch.autocast("cpu", enabled=False):
                 x = x.to(dtype)
-                kernels = dtype == torch.bfloat16 and cpu_dora.available()
+                kernels = dtype == torch.bfloat16 and _use_cpu_kernels(x.device, bf16=True)
                 out = AdapterFunction.apply(x, layer.dropout(x), layer.lora_A, layer.lora_B, None, None, layer.one, None,
                                             layer._bias(dtype), layer.weight, layer.scale, None, None, False, kernels)
             saved = out.detach().reshape(-1, out.shape[-1])

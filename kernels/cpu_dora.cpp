@@ -206,9 +206,11 @@ at::Tensor dora_apply_(at::Tensor y, const at::Tensor& g, const std::optional<at
   const int64_t r2 = (r + 1) / 2;
   std::vector<uint32_t> bt(r2 * N);  // Bs as bf16 pairs, transposed: row p holds columns 2p and 2p + 1
   const uint16_t* bs = reinterpret_cast<const uint16_t*>(Bs.data_ptr());
-  for (int64_t j = 0; j < N; ++j)
-    for (int64_t p = 0; p < r2; ++p)
-      bt[p * N + j] = uint32_t(bs[j * r + 2 * p]) | (2 * p + 1 < r ? uint32_t(bs[j * r + 2 * p + 1]) << 16 : 0u);
+  std::vector<uint32_t> row(r2);
+  for (int64_t j = 0; j < N; ++j) {
+    pack_pairs(bs + j * r, r, row.data());
+    for (int64_t p = 0; p < r2; ++p) bt[p * N + j] = row[p];
+  }
   uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   const uint16_t* ap = reinterpret_cast<const uint16_t*>(ax.data_ptr());
   const float* gp = g.data_ptr<float>();

@@ -14,7 +14,7 @@ batch norm then addmm_; column_dots 157 against 269. The library is compiled on 
 torch.utils.cpp_extension (a C++ compiler and ninja; about 10 s, then cached on disk), for any
 x86-64 CPU: the AVX512-BF16 functions carry their own target attribute and `available()` asks the
 CPU. When it cannot be built, qdora warns once and keeps to the PyTorch path (QDORA_KERNELS=torch
-selects that path outright).
+selects that path outright: qdora.dora.kernel_backend).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _library():
 
 def norm_available() -> bool:
     """Whether row_norm can run (it needs only the library)."""
-    return os.environ.get("QDORA_KERNELS", "auto") == "auto" and _library() is not None
+    return _library() is not None
 
 
 @functools.cache
@@ -65,8 +65,7 @@ def _cpu_has_bf16() -> bool:
 
 
 def available() -> bool:
-    """Whether dora_apply_ and column_dots can run: QDORA_KERNELS=auto (the default), the library
-    built, and a CPU with AVX512-BF16."""
+    """Whether dora_apply_ and column_dots can run: the library built and a CPU with AVX512-BF16."""
     return norm_available() and _cpu_has_bf16()
 
 

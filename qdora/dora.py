@@ -29,8 +29,9 @@ invalidate_norm_caches = norm_cache.invalidate_norm_caches
 
 
 def kernel_backend() -> str:
-    """Which path computes the DoRA row norm: QDORA_KERNELS=auto|torch|triton (default auto:
-    Triton on CUDA, PyTorch elsewhere). One switch for the whole process."""
+    """Which kernels DoRA uses: QDORA_KERNELS=auto|torch|triton (default auto: Triton on CUDA, the
+    C++ kernels of kernels/cpu_dora.py on the CPU where they are built; torch: plain PyTorch). One
+    switch for the whole process."""
     value = os.environ.get("QDORA_KERNELS", "auto")
     if value not in KERNEL_BACKENDS:
         raise ValueError(f"QDORA_KERNELS={value!r} is not one of {KERNEL_BACKENDS}")
@@ -40,6 +41,14 @@ def kernel_backend() -> str:
 def _use_triton(device: torch.device) -> bool:
     backend = kernel_backend()
     return backend == "triton" or (backend == "auto" and device.type == "cuda")
+
+
+def _use_cpu_kernels(device: torch.device, bf16: bool) -> bool:
+    """Whether DoRA's CPU kernels run here: QDORA_KERNELS=auto, a CPU tensor, the library built and,
+    for the two bf16 passes (`bf16`), a CPU with AVX512-BF16."""
+    if device.type != "cpu" or kernel_backend() != "auto":
+        return False
+    return cpu_dora.available() if bf16 else cpu_dora.norm_available()
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -297,7 +306,7 @@ class DoRALinear(LoRALinear):
         else:
             Af = A.float()
             wa = torch.cat([w @ Af.T for _, w in self.weight.row_chunks(chunk_elems=NORM_CHUNK_ELEMS)])
-        if wa.device.type == "cpu" and cpu_dora.norm_available():
+        if _use_cpu_kernels(wa.device, bf16=False):
             return cpu_dora.row_norm(wa, A, B, self.w0_sq, self.row_scale, self.scale, NORM_EPS)
         return self._norm_from_wa(wa.float(), A.float(), B.float())
 
@@ -330,8 +339,7 @@ class DoRALinear(LoRALinear):
             # W0 dequantized, so g is folded into the output's dequantization. The choice does not
             # depend on the cache, so a checkpoint's recomputation repeats the forward bit for bit.
             fold = not self.rank or _use_triton(x.device)
-            cpu_kernels = (not fold and dtype == torch.bfloat16 and x.device.type == "cpu"
-                           and cpu_dora.available())
+            cpu_kernels = not fold and dtype == torch.bfloat16 and _use_cpu_kernels(x.device, bf16=True)
             with torch.no_grad():  # one block for all of the norm's work (A_c too needs no graph)
                 norm = self._cached_norm()
                 fresh = norm is None

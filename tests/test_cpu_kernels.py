@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qdora.kernels import cpu_dora
-from qdora.dora import DoRALinear
+from qdora.dora import DoRALinear, _use_cpu_kernels
 from qdora.nf4 import NF4Weight
 
 DOTS_TOL = dict(rtol=1e-6, terms=2.0 ** -20)
@@ -232,5 +232,13 @@ def test_without_the_library_the_pytorch_route_is_used(monkeypatch):
 
 
 def test_qdora_kernels_torch_turns_them_off(monkeypatch):
+    calls = []
+    for name in ("dora_apply_", "column_dots", "row_norm"):
+        monkeypatch.setattr(cpu_dora, name, lambda *a, _n=name: calls.append(_n))
     monkeypatch.setenv("QDORA_KERNELS", "torch")
-    assert not cpu_dora.available() and not cpu_dora.norm_available()
+    assert not _use_cpu_kernels(torch.device("cpu"), bf16=True) and not _use_cpu_kernels(torch.device("cpu"), bf16=False)
+    layer = DoRALinear(NF4Weight.quantize(torch.randn(16, 64)), None, rank=2, alpha=4.0).to(torch.bfloat16)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.05)
+    layer(torch.randn(3, 64).bfloat16()).sum().backward()
+    assert not calls and layer.magnitude.grad is not None
